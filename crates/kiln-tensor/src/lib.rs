@@ -1,14 +1,17 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! kiln-tensor: dtypes, shapes, contiguous CPU tensors, and the kernels a GPT training step
+//! runs, each as a plain scalar reference beside a fast multi-threaded SIMD version.
+//!
+//! The kernel boundary is the [`Kernels`] trait: model code calls it and never sees which
+//! backend (reference, CPU SIMD, later CUDA) does the work.
+
+pub mod kernels;
+pub mod probe;
+pub mod simd;
+mod tensor;
+
+pub use kernels::{CpuKernels, Kernels, ReferenceKernels};
+pub use simd::Isa;
+pub use tensor::{DType, Shape, Tensor, TensorError};
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub(crate) mod testutil;

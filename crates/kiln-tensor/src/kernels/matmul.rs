@@ -1,0 +1,150 @@
+//! Linear layer: `out = inp · Wᵀ + b` with W `[out, in]`, and its backward.
+//!
+//! The fast path is the `gemm` crate (BLIS-style packing, its own run-time AVX-512/AVX2
+//! dispatch, rayon threads): it runs near the FMA peak here and handles the transposed
+//! operands of backward through strides, with no copies.
+
+use rayon::prelude::*;
+
+use crate::simd::Isa;
+
+pub(crate) fn matmul_forward_reference(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+    for r in 0..inp.len() / c_in {
+        for o in 0..c_out {
+            let mut acc = bias.map_or(0.0, |b| b[o] as f64);
+            for i in 0..c_in {
+                acc += inp[r * c_in + i] as f64 * weight[o * c_in + i] as f64;
+            }
+            out[r * c_out + o] = acc as f32;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_backward_reference(dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+    let rows = inp.len() / c_in;
+    for r in 0..rows {
+        for i in 0..c_in {
+            let mut acc = 0.0f64;
+            for o in 0..c_out {
+                acc += dout[r * c_out + o] as f64 * weight[o * c_in + i] as f64;
+            }
+            dinp[r * c_in + i] = acc as f32;
+        }
+    }
+    for o in 0..c_out {
+        for i in 0..c_in {
+            let mut acc = 0.0f64;
+            for r in 0..rows {
+                acc += dout[r * c_out + o] as f64 * inp[r * c_in + i] as f64;
+            }
+            dweight[o * c_in + i] += acc as f32;
+        }
+    }
+    if let Some(db) = dbias {
+        for o in 0..c_out {
+            db[o] += (0..rows).map(|r| dout[r * c_out + o] as f64).sum::<f64>() as f32;
+        }
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (pointer, row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Bounds: the last element each operand view touches must lie inside its slice.
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    // SAFETY: the asserts above keep every strided access inside the slices; dst does not alias.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, dst_rs as isize, accumulate,
+            lhs.as_ptr(), lhs_cs as isize, lhs_rs as isize,
+            rhs.as_ptr(), rhs_cs as isize, rhs_rs as isize,
+            1.0, 1.0, false, false, false,
+            parallelism(),
+        );
+    }
+}
+
+pub(crate) fn matmul_forward(_isa: Isa, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+    let rows = inp.len() / c_in;
+    assert!(out.len() == rows * c_out && weight.len() == c_out * c_in);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), c_out);
+        out.par_chunks_mut(c_out).for_each(|row| row.copy_from_slice(b));
+    }
+    // out[rows, c_out] (+)= inp[rows, c_in] · Wᵀ, where Wᵀ[i, o] = W[o * c_in + i].
+    gemm_strided(rows, c_out, c_in, out, c_out, bias.is_some(), inp, c_in, 1, weight, 1, c_in);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_backward(isa: Isa, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+    let rows = inp.len() / c_in;
+    assert!(dinp.len() == rows * c_in && dout.len() == rows * c_out && dweight.len() == c_out * c_in);
+    // dinp[rows, c_in] = dout[rows, c_out] · W[c_out, c_in]
+    gemm_strided(rows, c_in, c_out, dinp, c_in, false, dout, c_out, 1, weight, c_in, 1);
+    // dW[c_out, c_in] += doutᵀ[c_out, rows] · inp[rows, c_in]
+    gemm_strided(c_out, c_in, rows, dweight, c_in, true, dout, 1, c_out, inp, c_in, 1);
+    if let Some(db) = dbias {
+        assert_eq!(db.len(), c_out);
+        // Column sums, one block of columns per task, rows in order: deterministic.
+        const COLS: usize = 64;
+        db.par_chunks_mut(COLS).enumerate().for_each(|(blk, acc)| {
+            let j0 = blk * COLS;
+            for r in 0..rows {
+                let row = &dout[r * c_out + j0..r * c_out + j0 + acc.len()];
+                super::encoder::accumulate_row(isa, acc, row);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn matmul_fast_matches_reference() {
+        for &(rows, c_in, c_out) in &[(1usize, 5usize, 3usize), (37, 67, 131), (70, 389, 29)] {
+            let mut r = rng(5 + c_in as u64);
+            let inp = randn(&mut r, rows * c_in, 1.0);
+            let w = randn(&mut r, c_out * c_in, 1.0);
+            let b = randn(&mut r, c_out, 1.0);
+            let g = randn(&mut r, rows * c_out, 1.0);
+            let mut y0 = vec![0.0; rows * c_out];
+            matmul_forward_reference(&mut y0, &inp, &w, Some(&b), c_in, c_out);
+            let mut y0nb = vec![0.0; rows * c_out];
+            matmul_forward_reference(&mut y0nb, &inp, &w, None, c_in, c_out);
+            let (mut dx0, mut dw0, mut db0) = (vec![0.0; rows * c_in], vec![0.5; c_out * c_in], vec![0.25; c_out]);
+            matmul_backward_reference(&mut dx0, &mut dw0, Some(&mut db0), &g, &inp, &w, c_in, c_out);
+            for isa in Isa::all_supported() {
+                let mut y = vec![7.0; rows * c_out];
+                matmul_forward(isa, &mut y, &inp, &w, Some(&b), c_in, c_out);
+                assert_close("matmul fwd", &y, &y0, 1e-6);
+                let mut y = vec![7.0; rows * c_out];
+                matmul_forward(isa, &mut y, &inp, &w, None, c_in, c_out);
+                assert_close("matmul fwd no bias", &y, &y0nb, 1e-6);
+                let (mut dx, mut dw, mut db) = (vec![9.0; rows * c_in], vec![0.5; c_out * c_in], vec![0.25; c_out]);
+                matmul_backward(isa, &mut dx, &mut dw, Some(&mut db), &g, &inp, &w, c_in, c_out);
+                assert_close("matmul dinp", &dx, &dx0, 1e-6);
+                assert_close("matmul dweight", &dw, &dw0, 1e-6);
+                assert_close("matmul dbias", &db, &db0, 1e-6);
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The kernel boundary: every op a GPT training step needs, behind one trait.
+//!
+//! [`ReferenceKernels`] is the plain scalar version (f64 accumulation where it matters), kept
+//! simple enough to check by eye; [`CpuKernels`] is the fast one (rayon threads and SIMD picked
+//! at run time). Every op's two versions live side by side in one file with a test that runs
+//! both on random inputs of awkward sizes.
+//!
+//! Conventions (llm.c's): activations are row-major `[rows, channels]`; linear weights are
+//! `[out, in]` like PyTorch; backward kernels *accumulate* into weight gradients (`+=`, so
+//! gradient accumulation is free) and say per op whether the input gradient is overwritten or
+//! accumulated.
+
+mod adamw;
+mod attention;
+mod crossentropy;
+mod encoder;
+mod gelu;
+mod layernorm;
+mod matmul;
+mod residual;
+
+pub use adamw::AdamWStep;
+
+use crate::simd::Isa;
+
+/// A `*mut f32` that rayon tasks may share when each writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: only used by kernels whose tasks write provably disjoint index sets.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Offsets the pointer; a method so closures capture the whole (Send) wrapper.
+    ///
+    /// # Safety
+    /// As `pointer::add`: the result must stay inside the original allocation.
+    #[inline(always)]
+    pub(crate) unsafe fn add(self, n: usize) -> SendPtr {
+        SendPtr(unsafe { self.0.add(n) })
+    }
+}
+
+pub trait Kernels: Send + Sync {
+    fn name(&self) -> String;
+
+    /// `out[b,t,:] = wte[tokens[b,t]] + wpe[t]`; tokens `[b, t]`, out `[b, t, c]`.
+    fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize);
+    /// `dwte[tok] += dout`, `dwpe[t] += dout` (both accumulate).
+    fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize);
+
+    /// Row-wise LayerNorm over `c` channels (eps 1e-5, biased variance, as PyTorch); saves mean and 1/std.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize);
+    /// Accumulates into `dinp` (the residual stream), `dweight` and `dbias`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize);
+
+    /// `out[n, c_out] = inp[n, c_in] · weight[c_out, c_in]ᵀ + bias`.
+    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize);
+    /// Overwrites `dinp = dout · weight`; accumulates `dweight += doutᵀ · inp` and `dbias += Σ dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize);
+
+    /// Causal multi-head attention on `qkv [b, t, 3c]` (q, k, v each `nh` heads of `hs`);
+    /// writes `out [b, t, c]` and the softmax log-sum-exp `lse [b, nh, t]` for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize);
+    /// Overwrites `dqkv` from `dout`, recomputing the probabilities from `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize);
+
+    /// GELU, tanh approximation (GPT-2's).
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]);
+    /// Overwrites `dinp`.
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]);
+
+    /// `out = a + b`.
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]);
+
+    /// Softmax cross-entropy over the first `v` of `vp` columns of each row of `logits`; the
+    /// padded columns are masked out. Writes the per-row loss; when `dloss` is given, overwrites
+    /// `logits` with `dloss · (softmax − onehot(target))` (zero in padded columns).
+    fn crossentropy_forward_backward(&self, logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>);
+
+    /// Σ x², accumulated in f64 in a fixed order (gradient-norm clipping).
+    fn sum_of_squares(&self, x: &[f32]) -> f64;
+
+    /// One AdamW step on a parameter tensor, exactly as `torch.optim.AdamW` (non-fused) does it,
+    /// with the gradient multiplied by `step.grad_scale` first (the clipping coefficient).
+    fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep);
+}
+
+/// The scalar references: single-threaded, obvious, f64 accumulation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReferenceKernels;
+
+/// The fast CPU kernels: rayon across cores, SIMD chosen at run time.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuKernels {
+    pub isa: Isa,
+}
+
+impl Default for CpuKernels {
+    fn default() -> Self {
+        CpuKernels { isa: Isa::detect() }
+    }
+}
+
+impl CpuKernels {
+    pub fn with_isa(isa: Isa) -> CpuKernels {
+        CpuKernels { isa }
+    }
+}
+
+
+impl Kernels for ReferenceKernels {
+    fn name(&self) -> String {
+        "reference".into()
+    }
+    fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize) {
+        encoder::encoder_forward_reference(out, tokens, wte, wpe, t, c)
+    }
+    fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize) {
+        encoder::encoder_backward_reference(dwte, dwpe, dout, tokens, t, c)
+    }
+    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+        layernorm::layernorm_forward_reference(out, mean, rstd, inp, weight, bias, c)
+    }
+    fn layernorm_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+        layernorm::layernorm_backward_reference(dinp, dweight, dbias, dout, inp, weight, mean, rstd, c)
+    }
+    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+        matmul::matmul_forward_reference(out, inp, weight, bias, c_in, c_out)
+    }
+    fn matmul_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+        matmul::matmul_backward_reference(dinp, dweight, dbias, dout, inp, weight, c_in, c_out)
+    }
+    fn attention_forward(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+        attention::attention_forward_reference(out, lse, qkv, b, t, nh, hs)
+    }
+    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+        attention::attention_backward_reference(dqkv, dout, qkv, out, lse, b, t, nh, hs)
+    }
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
+        gelu::gelu_forward_reference(out, inp)
+    }
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        gelu::gelu_backward_reference(dinp, inp, dout)
+    }
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        residual::residual_forward_reference(out, a, b)
+    }
+    fn crossentropy_forward_backward(&self, logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>) {
+        crossentropy::crossentropy_reference(logits, losses, targets, v, vp, dloss)
+    }
+    fn sum_of_squares(&self, x: &[f32]) -> f64 {
+        adamw::sum_of_squares_reference(x)
+    }
+    fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
+        adamw::adamw_reference(params, grads, m, v, step)
+    }
+}
+
+impl Kernels for CpuKernels {
+    fn name(&self) -> String {
+        format!("cpu-{}x{}", self.isa.name(), rayon::current_num_threads())
+    }
+    fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize) {
+        encoder::encoder_forward(self.isa, out, tokens, wte, wpe, t, c)
+    }
+    fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize) {
+        encoder::encoder_backward(self.isa, dwte, dwpe, dout, tokens, t, c)
+    }
+    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+        layernorm::layernorm_forward(self.isa, out, mean, rstd, inp, weight, bias, c)
+    }
+    fn layernorm_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+        layernorm::layernorm_backward(self.isa, dinp, dweight, dbias, dout, inp, weight, mean, rstd, c)
+    }
+    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+        matmul::matmul_forward(self.isa, out, inp, weight, bias, c_in, c_out)
+    }
+    fn matmul_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+        matmul::matmul_backward(self.isa, dinp, dweight, dbias, dout, inp, weight, c_in, c_out)
+    }
+    fn attention_forward(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+        attention::attention_forward(self.isa, out, lse, qkv, b, t, nh, hs)
+    }
+    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+        attention::attention_backward(self.isa, dqkv, dout, qkv, out, lse, b, t, nh, hs)
+    }
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
+        gelu::gelu_forward(self.isa, out, inp)
+    }
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        gelu::gelu_backward(self.isa, dinp, inp, dout)
+    }
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        residual::residual_forward(self.isa, out, a, b)
+    }
+    fn crossentropy_forward_backward(&self, logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>) {
+        crossentropy::crossentropy_forward_backward(self.isa, logits, losses, targets, v, vp, dloss)
+    }
+    fn sum_of_squares(&self, x: &[f32]) -> f64 {
+        adamw::sum_of_squares(self.isa, x)
+    }
+    fn adamw_update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: &AdamWStep) {
+        adamw::adamw_update(self.isa, params, grads, m, v, step)
+    }
+}
+
+/// Rows per rayon task for row-wise kernels: big enough to amortise scheduling, fixed so the
+/// reduction order (and so the result) does not depend on the thread count.
+pub(crate) const ROW_CHUNK: usize = 16;
+
+/// Elements per rayon task for element-wise kernels.
+pub(crate) const ELEM_CHUNK: usize = 1 << 14;
