@@ -1,14 +1,32 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! kiln-model: the GPT-2 architecture with an explicit forward and backward per layer
+//! (llm.c style), its presets, sampling, and Hugging Face-compatible weight I/O.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+mod checkpoint;
+mod config;
+mod gpt;
+mod sample;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+pub use checkpoint::{load_hf_dir, read_hf_config, read_safetensors_f32, safetensors_bytes, save_hf_files, write_atomic, HfTensorNames};
+pub use config::{GptConfig, PRESETS};
+pub use gpt::{Gpt, ParamInfo};
+pub use sample::{sample_next, SamplingParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown preset '{0}' (known: gpt-tiny, gpt-s, gpt2-124m)")]
+    UnknownPreset(String),
+    #[error("invalid model configuration: {0}")]
+    BadConfig(String),
+    #[error("token id {id} at position {pos} is outside the model's vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, pos: usize, vocab: usize },
+    #[error("sequence of {t} tokens is longer than the model's context of {context}")]
+    SequenceTooLong { t: usize, context: usize },
+    #[error("batch shape mismatch: {0}")]
+    Shape(String),
+    #[error("backward() needs a forward() with targets first")]
+    NoForward,
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
 }

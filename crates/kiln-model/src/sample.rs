@@ -1,0 +1,78 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus).
+
+use rand::Rng;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1 means no nucleus cut.
+    pub top_p: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0 }
+    }
+}
+
+/// Picks a token id from `logits`; ties in greedy mode go to the lowest id, like `argmax`.
+pub fn sample_next(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
+    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best }) as u32;
+    if p.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if p.top_k > 0 {
+        order.truncate(p.top_k);
+    }
+    let max = logits[order[0]];
+    let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i] - max) / p.temperature) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    if p.top_p < 1.0 {
+        // Keep the smallest prefix whose mass reaches top_p (at least one token).
+        let mut cum = 0.0;
+        let keep = probs.iter().position(|&x| {
+            cum += x;
+            cum >= p.top_p as f64
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        order.truncate(keep);
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+    }
+    let mut u: f64 = rng.random();
+    for (i, &pr) in probs.iter().enumerate() {
+        u -= pr;
+        if u <= 0.0 {
+            return order[i] as u32;
+        }
+    }
+    *order.last().expect("at least one candidate") as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn greedy_top_k_and_top_p() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let logits = [0.1, 3.0, 2.9, -1.0];
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        assert_eq!(sample_next(&logits, &greedy, &mut rng), 1);
+        let k1 = SamplingParams { top_k: 1, ..Default::default() };
+        assert!((0..50).all(|_| sample_next(&logits, &k1, &mut rng) == 1));
+        let k2 = SamplingParams { top_k: 2, ..Default::default() };
+        let picks: Vec<u32> = (0..200).map(|_| sample_next(&logits, &k2, &mut rng)).collect();
+        assert!(picks.iter().all(|&x| x == 1 || x == 2) && picks.contains(&1) && picks.contains(&2));
+        let p_small = SamplingParams { top_p: 0.3, ..Default::default() };
+        assert!((0..50).all(|_| sample_next(&logits, &p_small, &mut rng) == 1));
+    }
+}

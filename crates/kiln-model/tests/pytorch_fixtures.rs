@@ -1,0 +1,71 @@
+//! kiln's GPT-2 against PyTorch: logits, loss and every parameter gradient of the fixtures that
+//! tools/gpt2_reference.py wrote (nanoGPT-style model, f32), within 1e-4 relative error.
+
+use std::path::PathBuf;
+
+use kiln_model::{read_safetensors_f32, Gpt, GptConfig};
+use kiln_tensor::{CpuKernels, Isa, Kernels, ReferenceKernels};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn check(name: &str, kernels: &dyn Kernels) {
+    let (t, meta) = read_safetensors_f32(&fixture(name)).unwrap();
+    let get = |k: &str| meta[k].parse::<usize>().unwrap();
+    let cfg = GptConfig {
+        n_layer: get("n_layer"),
+        n_head: get("n_head"),
+        n_embd: get("n_embd"),
+        block_size: get("block_size"),
+        vocab_size: get("vocab_size"),
+    };
+    let (b, s) = (get("batch"), get("seq"));
+    let mut model = Gpt::zeros(cfg.clone()).unwrap();
+    for info in model.param_info().to_vec() {
+        model.set_param(&info.name, &t[&info.name].1).unwrap();
+    }
+    let x: Vec<u32> = t["x"].1.iter().map(|&v| v as u32).collect();
+    let y: Vec<u32> = t["y"].1.iter().map(|&v| v as u32).collect();
+    let loss = model.forward(kernels, &x, Some(&y), b, s).unwrap().unwrap();
+    let want_loss = t["loss"].1[0];
+    assert!(((loss - want_loss) / want_loss).abs() < 1e-5, "{name} loss {loss} vs PyTorch {want_loss}");
+
+    let (v, vp) = (cfg.vocab_size, cfg.padded_vocab());
+    let logits: Vec<f32> = model.logits().unwrap().chunks(vp).flat_map(|row| row[..v].to_vec()).collect();
+    let e = rel_err(&logits, &t["logits"].1);
+    assert!(e < 1e-4, "{name} logits relative error {e:e}");
+
+    model.zero_grad();
+    model.backward(kernels, 1.0).unwrap();
+    let mut worst = (0.0, String::new());
+    for (i, info) in model.param_info().iter().enumerate() {
+        let e = rel_err(model.grad_values(i), &t[&format!("grad.{}", info.name)].1);
+        assert!(e < 1e-4, "{name} [{}] grad {} relative error {e:e}", kernels.name(), info.name);
+        if e > worst.0 {
+            worst = (e, info.name.clone());
+        }
+    }
+    eprintln!("{name} [{}]: loss {loss} (PyTorch {want_loss}), logits err {e:.2e}, worst grad err {:.2e} ({})", kernels.name(), worst.0, worst.1);
+}
+
+#[test]
+fn gpt_tiny_matches_pytorch() {
+    for isa in Isa::all_supported() {
+        check("gpt_tiny.safetensors", &CpuKernels::with_isa(isa));
+    }
+    check("gpt_tiny.safetensors", &ReferenceKernels);
+}
+
+#[test]
+fn gpt_s_shaped_layer_matches_pytorch() {
+    check("gpt_s_small.safetensors", &CpuKernels::default());
+    check("gpt_s_small.safetensors", &ReferenceKernels);
+}
