@@ -1,3 +1,156 @@
-fn main() {
-    println!("Hello, world!");
+//! The `kiln` binary: argument parsing, config files, progress bars and exit codes. The work
+//! itself lives in the library crates.
+
+mod bench;
+mod demo;
+mod generate;
+mod prep;
+mod train;
+mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes: 0 success, 1 the work failed (I/O, data, a diverged run), 2 bad usage or input
+/// that was rejected before any work started.
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+/// An error that means "the user asked for something that cannot work" (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for UsageError {}
+
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train, run and measure GPT-style language models fast on your CPU.",
+    long_about = "kiln trains GPT-2-architecture language models on the CPU with hand-written SIMD \
+kernels, checked against PyTorch, and writes Hugging Face-compatible checkpoints.\n\n\
+Start here:\n  kiln demo                      train a small model on a built-in corpus (1-3 minutes)\n\
+  kiln tokenizer train ...       learn a byte-level BPE vocabulary from your text\n\
+  kiln data prepare ...          turn text files into token shards\n\
+  kiln train ...                 train (or --resume) a model\n\
+  kiln generate ...              sample text from a checkpoint\n\
+  kiln plot ...                  draw loss curves\n\
+  kiln bench train ...           measure training speed",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a small model on the built-in synthetic corpus, sample it, plot the loss.
+    Demo(demo::DemoArgs),
+    /// Tokenizers: train a byte-level BPE vocabulary.
+    #[command(subcommand)]
+    Tokenizer(prep::TokenizerCmd),
+    /// Datasets: tokenize text into memory-mapped shards, or write the synthetic corpus.
+    #[command(subcommand)]
+    Data(prep::DataCmd),
+    /// Train a model (from scratch, or continue with --resume).
+    Train(Box<train::TrainArgs>),
+    /// Generate text from a checkpoint, streamed to the terminal.
+    Generate(generate::GenerateArgs),
+    /// Draw loss curves from metrics JSONL files to PNG and SVG.
+    Plot(PlotArgs),
+    /// Benchmarks (machine-readable with --json).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Evaluation helpers.
+    #[command(subcommand)]
+    Eval(generate::EvalCmd),
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Metrics file(s) written by `kiln train` (repeat to overlay runs).
+    #[arg(long, required = true)]
+    metrics: Vec<PathBuf>,
+    /// Output path without extension: writes OUT.png and OUT.svg.
+    #[arg(long, default_value = "loss")]
+    out: PathBuf,
+    #[arg(long, default_value = "kiln training loss")]
+    title: String,
+}
+
+fn run_plot(a: &PlotArgs) -> anyhow::Result<()> {
+    let mut series = Vec::new();
+    for m in &a.metrics {
+        let label = m.parent().and_then(|p| p.file_name()).map_or("run".into(), |s| s.to_string_lossy().to_string());
+        series.extend(kiln_eval::read_metrics(m, &label)?);
+    }
+    let curves = kiln_eval::LossCurves { title: a.title.clone(), series };
+    let (png, svg) = (a.out.with_extension("png"), a.out.with_extension("svg"));
+    kiln_eval::write_png(&curves, &png)?;
+    kiln_eval::write_svg(&curves, &svg)?;
+    println!("wrote {} and {}", png.display(), svg.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Some(n) = cli.global.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        // The global pool is built once, before any kernel runs.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    let result = match &cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Tokenizer(c) => prep::run_tokenizer(c),
+        Command::Data(c) => prep::run_data(c),
+        Command::Train(a) => train::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Plot(a) => run_plot(a),
+        Command::Bench(c) => bench::run(c),
+        Command::Eval(c) => generate::run_eval(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let is_usage = e.downcast_ref::<UsageError>().is_some()
+                || matches!(e.downcast_ref::<kiln_train::TrainError>(), Some(kiln_train::TrainError::Config(_)))
+                || matches!(
+                    e.downcast_ref::<kiln_model::ModelError>(),
+                    Some(kiln_model::ModelError::TokenOutOfRange { .. } | kiln_model::ModelError::SequenceTooLong { .. })
+                );
+            ExitCode::from(if is_usage { EXIT_USAGE } else { EXIT_FAILURE })
+        }
+    }
 }

@@ -76,3 +76,32 @@ mod tests {
         assert!((0..50).all(|_| sample_next(&logits, &p_small, &mut rng) == 1));
     }
 }
+
+/// Autoregressive generation: appends up to `max_new` tokens to `prompt`, keeping the last
+/// `block_size` tokens as context; `on_token` sees each new token and may stop early by
+/// returning false. (The KV-cache engine replaces this full recompute in a later issue.)
+pub fn generate(
+    model: &mut crate::Gpt,
+    k: &dyn kiln_tensor::Kernels,
+    prompt: &[u32],
+    max_new: usize,
+    params: &SamplingParams,
+    rng: &mut impl Rng,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<Vec<u32>, crate::ModelError> {
+    if prompt.is_empty() {
+        return Err(crate::ModelError::Shape("the prompt is empty".into()));
+    }
+    let mut ids = prompt.to_vec();
+    let ctx = model.config.block_size;
+    for _ in 0..max_new {
+        let window = &ids[ids.len().saturating_sub(ctx)..];
+        let logits = model.last_logits(k, window)?;
+        let next = sample_next(&logits, params, rng);
+        ids.push(next);
+        if !on_token(next) {
+            break;
+        }
+    }
+    Ok(ids)
+}

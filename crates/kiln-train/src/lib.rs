@@ -1,14 +1,30 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! kiln-train: the training loop around a model: AdamW with warmup and cosine decay,
+//! global-norm clipping, gradient accumulation, periodic evaluation and samples, and
+//! checkpoints that resume bit-identically.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod bench;
+mod checkpoint;
+mod config;
+mod optim;
+mod trainer;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+pub use checkpoint::{load_checkpoint, resolve_checkpoint_dir, save_checkpoint, Checkpoint, TrainingState};
+pub use config::TrainConfig;
+pub use optim::{lr_at, AdamW};
+pub use trainer::{evaluate, Event, StepMetrics, Trainer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid training configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] kiln_model::ModelError),
+    #[error(transparent)]
+    Data(#[from] kiln_data::DataError),
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("training diverged: loss is {loss} at step {step}")]
+    Diverged { step: u64, loss: f32 },
 }

@@ -1,0 +1,173 @@
+//! `kiln train`: flags over an optional TOML config, a progress bar, samples at each eval.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use kiln_data::{Dataset, Tokenizer};
+use kiln_tensor::CpuKernels;
+use kiln_train::{load_checkpoint, Event, TrainConfig, Trainer};
+
+use crate::{ui, usage};
+
+#[derive(Args, Default)]
+pub struct TrainArgs {
+    /// TOML file with any of the settings below (flags given here win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue a run from its checkpoint (the run directory or its checkpoint/).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Directory from `kiln data prepare`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// tokenizer.json (default: the one inside --data).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Model preset: gpt-tiny, gpt-s, gpt2-124m.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Custom size: layers (overrides the preset).
+    #[arg(long)]
+    pub n_layer: Option<usize>,
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    #[arg(long)]
+    pub n_embd: Option<usize>,
+    /// Context length of the model.
+    #[arg(long)]
+    pub context: Option<usize>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, allow_hyphen_values = true)]
+    pub lr: Option<f32>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub min_lr: Option<f32>,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub weight_decay: Option<f32>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, allow_hyphen_values = true)]
+    pub grad_clip: Option<f32>,
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Tokens to sample at each evaluation (0: none).
+    #[arg(long)]
+    pub sample_tokens: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Run directory: checkpoint/, metrics.jsonl, loss.png.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Metrics JSONL (default: OUT/metrics.jsonl).
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Stop (and checkpoint) after this step without finishing the schedule; resume later.
+    #[arg(long)]
+    pub stop_at: Option<u64>,
+}
+
+impl TrainArgs {
+    /// Applies every flag that was given on top of `cfg`.
+    fn apply(&self, cfg: &mut TrainConfig) {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { cfg.$f = v.clone().into(); } )* };
+        }
+        set!(preset, steps, batch, seq, grad_accum, lr, warmup_steps, weight_decay, grad_clip, eval_every, eval_batches, checkpoint_every, sample_tokens, seed, out);
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if self.$f.is_some() { cfg.$f = self.$f.clone(); } )* };
+        }
+        set_opt!(data, tokenizer, n_layer, n_head, n_embd, context, metrics, min_lr);
+    }
+}
+
+pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
+    let mut cfg = match (&a.resume, &a.config) {
+        (Some(dir), _) => {
+            let ck_dir = kiln_train::resolve_checkpoint_dir(dir);
+            let ck = load_checkpoint(&ck_dir)?;
+            let state = ck.state.clone().ok_or_else(|| usage(format!("{} has no training state to resume from", ck_dir.display())))?;
+            let mut cfg = state.config.clone();
+            if let Some(path) = &a.config {
+                cfg = TrainConfig::from_toml(&std::fs::read_to_string(path).map_err(|e| usage(format!("{}: {e}", path.display())))?)?;
+            }
+            a.apply(&mut cfg);
+            return train(cfg, Some(ck), a.stop_at);
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read config {}: {e}", path.display())))?;
+            TrainConfig::from_toml(&text)?
+        }
+        (None, None) => TrainConfig::default(),
+    };
+    a.apply(&mut cfg);
+    train(cfg, None, a.stop_at)
+}
+
+fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Option<u64>) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let data_dir = cfg.data.clone().ok_or_else(|| usage("--data DIR is required (make one with `kiln data prepare`)"))?;
+    let data = Dataset::open(&data_dir)?;
+    let mut trainer = match resume {
+        Some(ck) => Trainer::resume(ck, cfg.clone(), data, Box::new(CpuKernels::default()))?,
+        None => {
+            let tok_path = cfg.tokenizer.clone().unwrap_or_else(|| data_dir.join("tokenizer.json"));
+            let tok = Tokenizer::from_file(&tok_path)?;
+            Trainer::new(cfg.clone(), tok, data, Box::new(CpuKernels::default()))?
+        }
+    };
+    std::fs::create_dir_all(&cfg.out)?;
+    let stop = stop_at.unwrap_or(cfg.steps).min(cfg.steps);
+    let pb = ui::bar(stop, "step");
+    let interactive = !pb.is_hidden();
+    trainer.run_until(stop, &mut |e| match e {
+        Event::Started { start_step, total_steps, params } => {
+            pb.set_position(start_step);
+            pb.reset_eta();
+            pb.println(format!(
+                "training {:.2}M parameters, steps {start_step}..{total_steps}, {} threads, kernels {}",
+                params as f64 / 1e6,
+                rayon::current_num_threads(),
+                CpuKernels::default().isa.name()
+            ));
+        }
+        Event::Step(m) => {
+            pb.set_position(m.step);
+            pb.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_s));
+            if !interactive && (m.step % 10 == 0 || m.step == stop) {
+                eprintln!("step {}/{} loss {:.4} lr {:.2e} {:.0} tok/s", m.step, stop, m.loss, m.lr, m.tokens_per_s);
+            }
+        }
+        Event::Eval { step, val_loss, samples } => {
+            pb.println(format!("step {step}: val loss {val_loss:.4}"));
+            for s in samples {
+                pb.println(format!("  sample: {}", s.replace('\n', " ⏎ ").chars().take(160).collect::<String>()));
+            }
+        }
+        Event::Checkpoint { step, path } => pb.println(format!("step {step}: checkpoint {}", path.display())),
+    })?;
+    pb.finish_and_clear();
+    let metrics = cfg.metrics_path();
+    let plot = cfg.out.join("loss");
+    let curves = kiln_eval::LossCurves { title: format!("kiln {} training loss", cfg.preset), series: kiln_eval::read_metrics(&metrics, "run")? };
+    kiln_eval::write_png(&curves, &plot.with_extension("png"))?;
+    kiln_eval::write_svg(&curves, &plot.with_extension("svg"))?;
+    println!("checkpoint: {}", trainer.checkpoint_dir().display());
+    println!("metrics:    {}", metrics.display());
+    println!("loss plot:  {}", plot.with_extension("png").display());
+    Ok(())
+}

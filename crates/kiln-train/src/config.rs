@@ -1,0 +1,126 @@
+//! Training configuration: a TOML file, overridden by command-line flags.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Directory with train.bin / val.bin from `kiln data prepare`.
+    pub data: Option<PathBuf>,
+    /// Tokenizer JSON; defaults to the one `kiln data prepare` copied next to the shards.
+    pub tokenizer: Option<PathBuf>,
+    pub preset: String,
+    /// Custom sizes override the preset's.
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub context: Option<usize>,
+    pub steps: u64,
+    pub batch: usize,
+    pub seq: usize,
+    pub grad_accum: usize,
+    pub lr: f32,
+    /// Floor of the cosine decay; defaults to lr / 10.
+    pub min_lr: Option<f32>,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global gradient-norm clip; 0 disables it.
+    pub grad_clip: f32,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Tokens sampled per line at each evaluation (0: no samples).
+    pub sample_tokens: usize,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// Metrics JSONL; defaults to `<out>/metrics.jsonl`.
+    pub metrics: Option<PathBuf>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: None,
+            tokenizer: None,
+            preset: "gpt-s".into(),
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            context: None,
+            steps: 1000,
+            batch: 8,
+            seq: 256,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: None,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every: 100,
+            eval_batches: 20,
+            checkpoint_every: 0,
+            sample_tokens: 64,
+            seed: 1337,
+            out: PathBuf::from("runs/kiln"),
+            metrics: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_toml(text: &str) -> Result<TrainConfig, TrainError> {
+        toml::from_str(text).map_err(|e| TrainError::Config(format!("config file: {e}")))
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.metrics.clone().unwrap_or_else(|| self.out.join("metrics.jsonl"))
+    }
+
+    pub fn min_lr(&self) -> f32 {
+        self.min_lr.unwrap_or(self.lr / 10.0)
+    }
+
+    /// Rejects nonsensical values with a message that names the flag.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: &str| Err(TrainError::Config(m.to_string()));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1");
+        }
+        if self.batch == 0 {
+            return bad("--batch must be at least 1");
+        }
+        if self.seq == 0 {
+            return bad("--seq must be at least 1");
+        }
+        if self.grad_accum == 0 {
+            return bad("--grad-accum must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("--lr must be a positive number");
+        }
+        if self.min_lr().is_nan() || self.min_lr() < 0.0 || self.min_lr() > self.lr {
+            return bad("--min-lr must lie in [0, lr]");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("betas must lie in [0, 1)");
+        }
+        if !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) || !(self.eps > 0.0) {
+            return bad("--weight-decay and --grad-clip must be >= 0, eps > 0");
+        }
+        if self.eval_every == 0 {
+            return bad("--eval-every must be at least 1");
+        }
+        Ok(())
+    }
+}

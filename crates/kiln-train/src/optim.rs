@@ -1,0 +1,81 @@
+//! AdamW over every parameter tensor, global-norm clipping, and the learning-rate schedule.
+
+use kiln_model::Gpt;
+use kiln_tensor::kernels::AdamWStep;
+use kiln_tensor::Kernels;
+
+use crate::TrainConfig;
+
+/// nanoGPT's schedule: linear warmup to `lr` over `warmup` steps, then cosine decay to
+/// `min_lr` at `total`. `step` is 0-based.
+pub fn lr_at(step: u64, cfg: &TrainConfig) -> f32 {
+    let (lr, min_lr) = (cfg.lr as f64, cfg.min_lr() as f64);
+    if step < cfg.warmup_steps {
+        return (lr * (step + 1) as f64 / (cfg.warmup_steps + 1) as f64) as f32;
+    }
+    let span = cfg.steps.saturating_sub(cfg.warmup_steps).max(1) as f64;
+    let ratio = ((step - cfg.warmup_steps) as f64 / span).min(1.0);
+    let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
+    (min_lr + coeff * (lr - min_lr)) as f32
+}
+
+/// AdamW moments, one pair of buffers per parameter tensor, and the step count.
+pub struct AdamW {
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub t: u64,
+}
+
+impl AdamW {
+    pub fn new(model: &Gpt) -> AdamW {
+        AdamW {
+            m: model.params.iter().map(|p| vec![0.0; p.len()]).collect(),
+            v: model.params.iter().map(|p| vec![0.0; p.len()]).collect(),
+            t: 0,
+        }
+    }
+
+    /// Global L2 norm of all gradients.
+    pub fn grad_norm(model: &Gpt, k: &dyn Kernels) -> f32 {
+        model.grads.iter().map(|g| k.sum_of_squares(g)).sum::<f64>().sqrt() as f32
+    }
+
+    /// Clips the gradients to `clip` total norm (as `torch.nn.utils.clip_grad_norm_`: scale by
+    /// clip / (norm + 1e-6) when that is below 1) and takes one AdamW step. Returns the norm
+    /// before clipping.
+    pub fn step(&mut self, model: &mut Gpt, k: &dyn Kernels, lr: f32, cfg: &TrainConfig) -> f32 {
+        let norm = Self::grad_norm(model, k);
+        let grad_scale = if cfg.grad_clip > 0.0 { (cfg.grad_clip / (norm + 1e-6)).min(1.0) } else { 1.0 };
+        self.t += 1;
+        let info = model.param_info().to_vec();
+        for (i, p) in model.params.iter_mut().enumerate() {
+            let s = AdamWStep {
+                lr,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: if info[i].decay { cfg.weight_decay } else { 0.0 },
+                t: self.t,
+                grad_scale,
+            };
+            k.adamw_update(p, &model.grads[i], &mut self.m[i], &mut self.v[i], &s);
+        }
+        norm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let cfg = TrainConfig { lr: 1e-3, warmup_steps: 10, steps: 110, ..Default::default() };
+        assert!((lr_at(0, &cfg) - 1e-3 / 11.0).abs() < 1e-9);
+        assert!(lr_at(5, &cfg) < lr_at(9, &cfg));
+        assert!((lr_at(10, &cfg) - 1e-3).abs() < 1e-9);
+        assert!(lr_at(60, &cfg) < 1e-3 && lr_at(60, &cfg) > 1e-4);
+        assert!((lr_at(110, &cfg) - 1e-4).abs() < 1e-9);
+        assert!((lr_at(500, &cfg) - 1e-4).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,215 @@
+//! The training loop. It reports through a callback (the CLI draws bars from it) and appends
+//! one JSON line per step to the metrics file; it never prints.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln_data::{eval_batches, BatchSampler, Dataset, Tokenizer};
+use kiln_model::{generate, Gpt, GptConfig, SamplingParams};
+use kiln_tensor::Kernels;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::{lr_at, save_checkpoint, AdamW, Checkpoint, TrainConfig, TrainError, TrainingState};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f32,
+    pub lr: f32,
+    pub tokens_per_s: f64,
+    pub grad_norm: f32,
+    pub step_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f32>,
+}
+
+pub enum Event<'a> {
+    Started { start_step: u64, total_steps: u64, params: usize },
+    Step(&'a StepMetrics),
+    Eval { step: u64, val_loss: f32, samples: &'a [String] },
+    Checkpoint { step: u64, path: &'a std::path::Path },
+}
+
+/// Mean loss over the given `(inputs, targets)` batches of shape `[b, t]`.
+pub fn evaluate(model: &mut Gpt, k: &dyn Kernels, batches: &[(Vec<u32>, Vec<u32>)], b: usize, t: usize) -> Result<f32, TrainError> {
+    let mut total = 0.0f64;
+    for (x, y) in batches {
+        total += model.forward(k, x, Some(y), b, t)?.unwrap_or(f32::NAN) as f64;
+    }
+    Ok((total / batches.len().max(1) as f64) as f32)
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: Gpt,
+    pub opt: AdamW,
+    pub tokenizer: Tokenizer,
+    pub step: u64,
+    data: Dataset,
+    sampler: BatchSampler,
+    kernels: Box<dyn Kernels>,
+}
+
+impl Trainer {
+    /// The model configuration a training config asks for, sized to the tokenizer.
+    pub fn model_config(cfg: &TrainConfig, vocab_size: usize) -> Result<GptConfig, TrainError> {
+        let mut mc = GptConfig::preset(&cfg.preset, Some(vocab_size))?;
+        mc.n_layer = cfg.n_layer.unwrap_or(mc.n_layer);
+        mc.n_head = cfg.n_head.unwrap_or(mc.n_head);
+        mc.n_embd = cfg.n_embd.unwrap_or(mc.n_embd);
+        mc.block_size = cfg.context.unwrap_or(mc.block_size);
+        mc.validate()?;
+        Ok(mc)
+    }
+
+    /// A fresh run: a new model sized to the tokenizer, seeded by `cfg.seed`.
+    pub fn new(cfg: TrainConfig, tokenizer: Tokenizer, data: Dataset, kernels: Box<dyn Kernels>) -> Result<Trainer, TrainError> {
+        cfg.validate()?;
+        let mc = Self::model_config(&cfg, tokenizer.vocab_size())?;
+        let model = Gpt::new(mc, cfg.seed)?;
+        let opt = AdamW::new(&model);
+        let sampler = BatchSampler::new(cfg.seed, cfg.batch, cfg.seq);
+        let t = Trainer { cfg, model, opt, tokenizer, step: 0, data, sampler, kernels };
+        t.check_fit()?;
+        Ok(t)
+    }
+
+    /// Continues a run from a checkpoint with its saved optimizer state and data cursor.
+    pub fn resume(ck: Checkpoint, cfg: TrainConfig, data: Dataset, kernels: Box<dyn Kernels>) -> Result<Trainer, TrainError> {
+        cfg.validate()?;
+        let (Some(opt), Some(state)) = (ck.optimizer, ck.state) else {
+            return Err(TrainError::Config("the checkpoint has no training_state.safetensors: it can be fine-tuned, not resumed".into()));
+        };
+        let tokenizer = ck.tokenizer.ok_or_else(|| TrainError::Config("the checkpoint has no tokenizer.json".into()))?;
+        let sampler = BatchSampler::from_state(state.sampler, cfg.batch, cfg.seq);
+        let t = Trainer { cfg, model: ck.model, opt, tokenizer, step: state.step, data, sampler, kernels };
+        t.check_fit()?;
+        Ok(t)
+    }
+
+    /// Errors that are cheaper to report before the first step than after an hour.
+    fn check_fit(&self) -> Result<(), TrainError> {
+        let mc = &self.model.config;
+        if self.cfg.seq > mc.block_size {
+            return Err(TrainError::Config(format!("--seq {} is longer than the model's context of {}", self.cfg.seq, mc.block_size)));
+        }
+        if self.data.vocab_size > mc.vocab_size || self.tokenizer.vocab_size() > mc.vocab_size {
+            return Err(TrainError::Config(format!(
+                "the data/tokenizer vocabulary ({} / {}) does not fit the model's {}",
+                self.data.vocab_size,
+                self.tokenizer.vocab_size(),
+                mc.vocab_size
+            )));
+        }
+        let need = self.cfg.seq + 1;
+        if self.data.train.len() < need {
+            return Err(TrainError::Config(format!(
+                "the training split has {} tokens, fewer than one sequence of {need}: use more text or a smaller --seq",
+                self.data.train.len()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn kernels(&self) -> &dyn Kernels {
+        self.kernels.as_ref()
+    }
+
+    fn state(&self) -> TrainingState {
+        TrainingState { step: self.step, sampler: self.sampler.state(), config: self.cfg.clone() }
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.cfg.out.join("checkpoint")
+    }
+
+    pub fn save(&self) -> Result<(), TrainError> {
+        save_checkpoint(&self.checkpoint_dir(), &self.model, &self.opt, &self.state(), &self.tokenizer)
+    }
+
+    /// A few lines of text from the model, seeded by the step so they never disturb training.
+    fn samples(&mut self) -> Result<Vec<String>, TrainError> {
+        if self.cfg.sample_tokens == 0 {
+            return Ok(Vec::new());
+        }
+        let prompt = self.tokenizer.encode("\n")?;
+        let prompt = if prompt.is_empty() { vec![0] } else { prompt };
+        let params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 1.0 };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9));
+        let ids = generate(&mut self.model, self.kernels.as_ref(), &prompt, self.cfg.sample_tokens, &params, &mut rng, &mut |_| true)?;
+        Ok(vec![self.tokenizer.decode(&ids[prompt.len()..])?])
+    }
+
+    /// Runs until `cfg.steps`, evaluating every `eval_every` steps and at the end.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        self.run_until(self.cfg.steps, on_event)
+    }
+
+    /// Runs until step `stop` (at most `cfg.steps`) and checkpoints there: a run stopped at k
+    /// and resumed continues exactly as if it had never stopped.
+    pub fn run_until(&mut self, stop: u64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let stop = stop.min(self.cfg.steps);
+        let cfg = self.cfg.clone();
+        let (b, t) = (cfg.batch, cfg.seq);
+        let metrics_path = cfg.metrics_path();
+        if let Some(dir) = metrics_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| TrainError::Io { path: dir.display().to_string(), source: e })?;
+        }
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| TrainError::Io { path: metrics_path.display().to_string(), source: e })?;
+        let val = if self.data.val.len() > t { eval_batches(&self.data.val, b, t, cfg.eval_batches)? } else { Vec::new() };
+        on_event(Event::Started { start_step: self.step, total_steps: cfg.steps, params: self.model.config.num_params() });
+
+        let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+        while self.step < stop {
+            let start = Instant::now();
+            let lr = lr_at(self.step, &cfg);
+            self.model.zero_grad();
+            let mut loss = 0.0f64;
+            for _ in 0..cfg.grad_accum {
+                self.sampler.next_batch(&self.data.train, &mut x, &mut y)?;
+                let l = self.model.forward(self.kernels.as_ref(), &x, Some(&y), b, t)?.expect("targets given");
+                self.model.backward(self.kernels.as_ref(), 1.0 / cfg.grad_accum as f32)?;
+                loss += l as f64 / cfg.grad_accum as f64;
+            }
+            let grad_norm = self.opt.step(&mut self.model, self.kernels.as_ref(), lr, &cfg);
+            self.step += 1;
+            let secs = start.elapsed().as_secs_f64();
+            let loss = loss as f32;
+            if !loss.is_finite() {
+                return Err(TrainError::Diverged { step: self.step, loss });
+            }
+            let mut m = StepMetrics {
+                step: self.step,
+                loss,
+                lr,
+                tokens_per_s: (b * t * cfg.grad_accum) as f64 / secs,
+                grad_norm,
+                step_ms: secs * 1e3,
+                val_loss: None,
+            };
+            let last = self.step == stop;
+            let mut samples = Vec::new();
+            if !val.is_empty() && (self.step % cfg.eval_every == 0 || self.step == cfg.steps) {
+                m.val_loss = Some(evaluate(&mut self.model, self.kernels.as_ref(), &val, b, t)?);
+                samples = self.samples()?;
+            }
+            let line = serde_json::to_string(&m).expect("metrics serialise");
+            writeln!(metrics, "{line}").map_err(|e| TrainError::Io { path: metrics_path.display().to_string(), source: e })?;
+            on_event(Event::Step(&m));
+            if let Some(v) = m.val_loss {
+                on_event(Event::Eval { step: self.step, val_loss: v, samples: &samples });
+            }
+            if last || (cfg.checkpoint_every > 0 && self.step % cfg.checkpoint_every == 0) {
+                self.save()?;
+                on_event(Event::Checkpoint { step: self.step, path: &self.checkpoint_dir() });
+            }
+        }
+        Ok(())
+    }
+}
