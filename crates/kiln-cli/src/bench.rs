@@ -48,7 +48,9 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
     let peak = kiln_tensor::probe::f32_peak_gflops();
     let k = CpuKernels::default();
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar((a.warmup + a.steps) as u64, "bench step") };
-    let r = kiln_train::bench::bench_train(&a.preset, mc, a.batch, a.seq, a.warmup, a.steps, peak, &k, &mut |i, _| pb.set_position(i as u64))?;
+    let r = kiln_train::bench::bench_train(&a.preset, mc, a.batch, a.seq, a.warmup, a.steps, peak, &k, &mut |i, _| {
+        pb.set_position(i as u64)
+    })?;
     pb.finish_and_clear();
     let rss = ui::peak_rss_mb().unwrap_or(f64::NAN);
     if a.json {
@@ -57,11 +59,31 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
         v["precision"] = "fp32".into();
         println!("{v}");
     } else {
-        println!("kiln bench train: {} (B={}, T={}, vocab {}, {:.2}M params), {} threads, kernels {}", r.preset, r.batch, r.seq, r.vocab, r.params as f64 / 1e6, r.threads, r.kernels);
+        println!(
+            "kiln bench train: {} (B={}, T={}, vocab {}, {:.2}M params), {} threads, kernels {}",
+            r.preset,
+            r.batch,
+            r.seq,
+            r.vocab,
+            r.params as f64 / 1e6,
+            r.threads,
+            r.kernels
+        );
         println!("  tokens/s      {:>10.0}", r.tokens_per_s);
-        println!("  step          {:>10.1} ms  (forward {:.1}, backward {:.1}, optimizer {:.1})", r.step_ms, r.forward_ms, r.backward_ms, r.optimizer_ms);
-        println!("  achieved      {:>10.1} GFLOP/s ({:.0}% of the measured f32 peak of {:.1} GFLOP/s)", r.gflops, 100.0 * r.peak_fraction, r.peak_gflops);
-        println!("  peak memory   {:>10.0} MB RSS (model, grads, optimizer, activations: {:.0} MB)", rss, r.model_memory_mb);
+        println!(
+            "  step          {:>10.1} ms  (forward {:.1}, backward {:.1}, optimizer {:.1})",
+            r.step_ms, r.forward_ms, r.backward_ms, r.optimizer_ms
+        );
+        println!(
+            "  achieved      {:>10.1} GFLOP/s ({:.0}% of the measured f32 peak of {:.1} GFLOP/s)",
+            r.gflops,
+            100.0 * r.peak_fraction,
+            r.peak_gflops
+        );
+        println!(
+            "  peak memory   {:>10.0} MB RSS (model, grads, optimizer, activations: {:.0} MB)",
+            rss, r.model_memory_mb
+        );
     }
     Ok(())
 }

@@ -34,7 +34,8 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
     tok.save(&tok_path)?;
     println!("3/4 tokenizing into memory-mapped shards");
     let data = a.out.join("data");
-    let s = kiln_data::prepare(&[corpus.display().to_string()], &tok, &data, &PrepareOptions::default(), &mut |_, _| {})?;
+    let s =
+        kiln_data::prepare(&[corpus.display().to_string()], &tok, &data, &PrepareOptions::default(), &mut |_, _| {})?;
     println!("      {} train / {} val tokens", s.train_tokens, s.val_tokens);
     println!("4/4 training a 4-layer, 128-wide GPT for {} steps (watch the loss fall)", a.steps);
     let run = a.out.join("run");
@@ -63,7 +64,10 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
     println!("Done. Everything is in {}:", a.out.display());
     println!("  corpus        {}", corpus.display());
     println!("  tokenizer     {}", a.out.join("tokenizer.json").display());
-    println!("  checkpoint    {}  (loads in Hugging Face transformers as GPT2LMHeadModel)", run.join("checkpoint").display());
+    println!(
+        "  checkpoint    {}  (loads in Hugging Face transformers as GPT2LMHeadModel)",
+        run.join("checkpoint").display()
+    );
     println!("  loss plot     {} and .svg", run.join("loss.png").display());
     println!("Try:  kiln generate --ckpt {} --prompt 'translate 512 to words:' --temperature 0", run.display());
     Ok(())

@@ -35,7 +35,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: &GenerateArgs) -> anyhow::Result<()> {
-    if !(a.temperature >= 0.0) || !(a.top_p > 0.0 && a.top_p <= 1.0) {
+    if a.temperature.is_nan() || a.temperature < 0.0 || a.top_p.is_nan() || a.top_p <= 0.0 || a.top_p > 1.0 {
         return Err(usage("--temperature must be >= 0 and --top-p in (0, 1]"));
     }
     let ck = load_checkpoint(&a.ckpt)?;

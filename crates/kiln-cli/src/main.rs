@@ -148,7 +148,9 @@ fn main() -> ExitCode {
                 || matches!(e.downcast_ref::<kiln_train::TrainError>(), Some(kiln_train::TrainError::Config(_)))
                 || matches!(
                     e.downcast_ref::<kiln_model::ModelError>(),
-                    Some(kiln_model::ModelError::TokenOutOfRange { .. } | kiln_model::ModelError::SequenceTooLong { .. })
+                    Some(
+                        kiln_model::ModelError::TokenOutOfRange { .. } | kiln_model::ModelError::SequenceTooLong { .. }
+                    )
                 );
             ExitCode::from(if is_usage { EXIT_USAGE } else { EXIT_FAILURE })
         }

@@ -66,7 +66,8 @@ pub fn run_tokenizer(c: &TokenizerCmd) -> anyhow::Result<()> {
     if a.vocab_size < kiln_data::MIN_TRAIN_VOCAB {
         return Err(usage(format!("--vocab-size must be at least {}", kiln_data::MIN_TRAIN_VOCAB)));
     }
-    let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("training a {}-token BPE vocabulary", a.vocab_size));
+    let spinner =
+        indicatif::ProgressBar::new_spinner().with_message(format!("training a {}-token BPE vocabulary", a.vocab_size));
     spinner.enable_steady_tick(std::time::Duration::from_millis(150));
     let tok = Tokenizer::train_bpe(&a.input, a.vocab_size)?;
     spinner.finish_and_clear();

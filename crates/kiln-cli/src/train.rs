@@ -87,7 +87,23 @@ impl TrainArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { cfg.$f = v.clone().into(); } )* };
         }
-        set!(preset, steps, batch, seq, grad_accum, lr, warmup_steps, weight_decay, grad_clip, eval_every, eval_batches, checkpoint_every, sample_tokens, seed, out);
+        set!(
+            preset,
+            steps,
+            batch,
+            seq,
+            grad_accum,
+            lr,
+            warmup_steps,
+            weight_decay,
+            grad_clip,
+            eval_every,
+            eval_batches,
+            checkpoint_every,
+            sample_tokens,
+            seed,
+            out
+        );
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { cfg.$f = self.$f.clone(); } )* };
         }
@@ -100,16 +116,22 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         (Some(dir), _) => {
             let ck_dir = kiln_train::resolve_checkpoint_dir(dir);
             let ck = load_checkpoint(&ck_dir)?;
-            let state = ck.state.clone().ok_or_else(|| usage(format!("{} has no training state to resume from", ck_dir.display())))?;
+            let state = ck
+                .state
+                .clone()
+                .ok_or_else(|| usage(format!("{} has no training state to resume from", ck_dir.display())))?;
             let mut cfg = state.config.clone();
             if let Some(path) = &a.config {
-                cfg = TrainConfig::from_toml(&std::fs::read_to_string(path).map_err(|e| usage(format!("{}: {e}", path.display())))?)?;
+                cfg = TrainConfig::from_toml(
+                    &std::fs::read_to_string(path).map_err(|e| usage(format!("{}: {e}", path.display())))?,
+                )?;
             }
             a.apply(&mut cfg);
             return train(cfg, Some(ck), a.stop_at);
         }
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read config {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| usage(format!("cannot read config {}: {e}", path.display())))?;
             TrainConfig::from_toml(&text)?
         }
         (None, None) => TrainConfig::default(),
@@ -120,7 +142,8 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
 
 fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Option<u64>) -> anyhow::Result<()> {
     cfg.validate()?;
-    let data_dir = cfg.data.clone().ok_or_else(|| usage("--data DIR is required (make one with `kiln data prepare`)"))?;
+    let data_dir =
+        cfg.data.clone().ok_or_else(|| usage("--data DIR is required (make one with `kiln data prepare`)"))?;
     let data = Dataset::open(&data_dir)?;
     let mut trainer = match resume {
         Some(ck) => Trainer::resume(ck, cfg.clone(), data, Box::new(CpuKernels::default()))?,
@@ -148,7 +171,7 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
         Event::Step(m) => {
             pb.set_position(m.step);
             pb.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_s));
-            if !interactive && (m.step % 10 == 0 || m.step == stop) {
+            if !interactive && (m.step.is_multiple_of(10) || m.step == stop) {
                 eprintln!("step {}/{} loss {:.4} lr {:.2e} {:.0} tok/s", m.step, stop, m.loss, m.lr, m.tokens_per_s);
             }
         }
@@ -163,7 +186,10 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
     pb.finish_and_clear();
     let metrics = cfg.metrics_path();
     let plot = cfg.out.join("loss");
-    let curves = kiln_eval::LossCurves { title: format!("kiln {} training loss", cfg.preset), series: kiln_eval::read_metrics(&metrics, "run")? };
+    let curves = kiln_eval::LossCurves {
+        title: format!("kiln {} training loss", cfg.preset),
+        series: kiln_eval::read_metrics(&metrics, "run")?,
+    };
     kiln_eval::write_png(&curves, &plot.with_extension("png"))?;
     kiln_eval::write_svg(&curves, &plot.with_extension("svg"))?;
     println!("checkpoint: {}", trainer.checkpoint_dir().display());

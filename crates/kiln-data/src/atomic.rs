@@ -22,23 +22,14 @@ pub(crate) struct TempFile {
 impl TempFile {
     /// Creates `.<name>.tmp-<pid>-<n>` next to `dest`.
     pub(crate) fn create(dest: &Path) -> Result<TempFile, DataError> {
-        let name = dest.file_name().ok_or_else(|| {
-            DataError::InvalidArgument(format!("{} is not a file path", dest.display()))
-        })?;
+        let name = dest
+            .file_name()
+            .ok_or_else(|| DataError::InvalidArgument(format!("{} is not a file path", dest.display())))?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp_name = format!(
-            ".{}.tmp-{}-{}",
-            name.to_string_lossy(),
-            std::process::id(),
-            n
-        );
+        let tmp_name = format!(".{}.tmp-{}-{}", name.to_string_lossy(), std::process::id(), n);
         let tmp = dest.with_file_name(tmp_name);
         let file = File::create(&tmp).map_err(|e| DataError::io("creating", &tmp, e))?;
-        Ok(TempFile {
-            file: Some(file),
-            tmp,
-            dest: dest.to_path_buf(),
-        })
+        Ok(TempFile { file: Some(file), tmp, dest: dest.to_path_buf() })
     }
 
     pub(crate) fn file(&mut self) -> &mut File {
@@ -54,11 +45,9 @@ impl TempFile {
     pub(crate) fn commit(mut self) -> Result<(), DataError> {
         if let Some(file) = self.file.take() {
             // Sync before rename so a crash cannot leave a complete-looking empty file.
-            file.sync_all()
-                .map_err(|e| DataError::io("syncing", &self.tmp, e))?;
+            file.sync_all().map_err(|e| DataError::io("syncing", &self.tmp, e))?;
         }
-        std::fs::rename(&self.tmp, &self.dest)
-            .map_err(|e| DataError::io("renaming into place", &self.dest, e))?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| DataError::io("renaming into place", &self.dest, e))?;
         // Renamed: nothing left for Drop to remove.
         self.tmp = PathBuf::new();
         Ok(())
@@ -78,8 +67,6 @@ impl Drop for TempFile {
 pub(crate) fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<(), DataError> {
     let mut tmp = TempFile::create(dest)?;
     let path = tmp.tmp_path().to_path_buf();
-    tmp.file()
-        .write_all(bytes)
-        .map_err(|e| DataError::io("writing", path, e))?;
+    tmp.file().write_all(bytes).map_err(|e| DataError::io("writing", path, e))?;
     tmp.commit()
 }

@@ -22,10 +22,7 @@ pub enum DataError {
 
     /// An error reported by the `tokenizers` crate while training, encoding or decoding.
     #[error("tokenizer error while {action}: {message}")]
-    Tokenizer {
-        action: &'static str,
-        message: String,
-    },
+    Tokenizer { action: &'static str, message: String },
 
     /// A caller-supplied value out of its allowed range.
     #[error("invalid argument: {0}")]
@@ -52,27 +49,13 @@ pub enum DataError {
     BadDataset { path: PathBuf, reason: String },
 
     /// A token shard too short to cut one training sequence from.
-    #[error(
-        "corpus of {tokens} tokens is smaller than one sequence of {needed} (seq_len {seq} + 1)"
-    )]
-    CorpusTooSmall {
-        tokens: usize,
-        needed: usize,
-        seq: usize,
-    },
+    #[error("corpus of {tokens} tokens is smaller than one sequence of {needed} (seq_len {seq} + 1)")]
+    CorpusTooSmall { tokens: usize, needed: usize, seq: usize },
 }
 
 impl DataError {
     /// Wraps an io::Error with the action and path, so every io failure names its file.
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
-        DataError::Io {
-            action,
-            path: path.into(),
-            source,
-        }
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io { action, path: path.into(), source }
     }
 }

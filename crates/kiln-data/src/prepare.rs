@@ -33,11 +33,7 @@ pub struct PrepareOptions {
 
 impl Default for PrepareOptions {
     fn default() -> Self {
-        PrepareOptions {
-            val_fraction: 0.1,
-            chunk_bytes: 1 << 20,
-            append_eot_per_file: true,
-        }
+        PrepareOptions { val_fraction: 0.1, chunk_bytes: 1 << 20, append_eot_per_file: true }
     }
 }
 
@@ -99,21 +95,15 @@ pub fn prepare(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PrepareSummary, DataError> {
     if !(0.0..1.0).contains(&opts.val_fraction) {
-        return Err(DataError::InvalidArgument(format!(
-            "val_fraction must be in [0, 1), got {}",
-            opts.val_fraction
-        )));
+        return Err(DataError::InvalidArgument(format!("val_fraction must be in [0, 1), got {}", opts.val_fraction)));
     }
     if opts.chunk_bytes == 0 {
-        return Err(DataError::InvalidArgument(
-            "chunk_bytes must be at least 1".into(),
-        ));
+        return Err(DataError::InvalidArgument("chunk_bytes must be at least 1".into()));
     }
     let eot = match (opts.append_eot_per_file, tokenizer.eot_id()) {
         (true, None) => {
             return Err(DataError::InvalidArgument(
-                "append_eot_per_file needs a tokenizer with <|endoftext|>; this one has none"
-                    .into(),
+                "append_eot_per_file needs a tokenizer with <|endoftext|>; this one has none".into(),
             ))
         }
         (true, Some(id)) => Some(id),
@@ -128,10 +118,7 @@ pub fn prepare(
     }
     let total: u64 = sizes.iter().sum();
     if total == 0 {
-        return Err(DataError::EmptyCorpus(format!(
-            "the {} input file(s) are all empty",
-            files.len()
-        )));
+        return Err(DataError::EmptyCorpus(format!("the {} input file(s) are all empty", files.len())));
     }
 
     // Train ends at the first line start at or after this byte of the concatenated corpus.
@@ -139,8 +126,7 @@ pub fn prepare(
     let split = find_split(&files, &sizes, target.min(total))?;
     let train_bytes: u64 = sizes[..split.file_index].iter().sum::<u64>() + split.offset;
 
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| DataError::io("creating output directory", out_dir, e))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| DataError::io("creating output directory", out_dir, e))?;
     let vocab_size = tokenizer.vocab_size();
     let mut writers = [
         ShardWriter::create(&out_dir.join("train.bin"), vocab_size)?,
@@ -183,9 +169,7 @@ pub fn prepare(
     let [train, val] = writers;
     let (train_tokens, val_tokens) = (train.len(), val.len());
     if train_tokens + val_tokens == 0 {
-        return Err(DataError::EmptyCorpus(
-            "the input files encode to 0 tokens".into(),
-        ));
+        return Err(DataError::EmptyCorpus("the input files encode to 0 tokens".into()));
     }
     train.finish()?;
     val.finish()?;
@@ -207,23 +191,14 @@ pub fn prepare(
         files: files
             .iter()
             .zip(&sizes)
-            .map(|(p, &bytes)| SourceFile {
-                path: p.display().to_string(),
-                bytes,
-            })
+            .map(|(p, &bytes)| SourceFile { path: p.display().to_string(), bytes })
             .collect(),
     };
     let json = serde_json::to_string_pretty(&meta)
         .map_err(|e| DataError::InvalidArgument(format!("serializing meta.json: {e}")))?;
     write_atomic(&out_dir.join("meta.json"), json.as_bytes())?;
 
-    Ok(PrepareSummary {
-        files: files.len(),
-        bytes: total,
-        train_tokens,
-        val_tokens,
-        vocab_size,
-    })
+    Ok(PrepareSummary { files: files.len(), bytes: total, train_tokens, val_tokens, vocab_size })
 }
 
 /// The train and val shards of a prepared directory.
@@ -237,16 +212,10 @@ pub struct Dataset {
 impl Dataset {
     /// Opens `dir/train.bin`, `dir/val.bin` and reads the vocabulary size from `dir/meta.json`.
     pub fn open(dir: &Path) -> Result<Dataset, DataError> {
-        let bad = |reason: String| DataError::BadDataset {
-            path: dir.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| DataError::BadDataset { path: dir.to_path_buf(), reason };
         let train_path = dir.join("train.bin");
         if !train_path.is_file() {
-            return Err(bad(format!(
-                "{} does not exist; prepare the dataset first",
-                train_path.display()
-            )));
+            return Err(bad(format!("{} does not exist; prepare the dataset first", train_path.display())));
         }
         #[derive(Deserialize)]
         struct MetaHead {
@@ -255,8 +224,7 @@ impl Dataset {
         let meta_path = dir.join("meta.json");
         let text = std::fs::read_to_string(&meta_path)
             .map_err(|e| DataError::io("reading dataset metadata", &meta_path, e))?;
-        let head: MetaHead = serde_json::from_str(&text)
-            .map_err(|e| bad(format!("{}: {e}", meta_path.display())))?;
+        let head: MetaHead = serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", meta_path.display())))?;
         Ok(Dataset {
             train: TokenShard::open(&train_path)?,
             val: TokenShard::open(&dir.join("val.bin"))?,
@@ -271,15 +239,12 @@ const VAL: usize = 1;
 /// Glob patterns → files, in pattern order, each pattern's matches sorted, no duplicates.
 fn expand_patterns(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
     if patterns.is_empty() {
-        return Err(DataError::NoInput(
-            "no input files or patterns given".into(),
-        ));
+        return Err(DataError::NoInput("no input files or patterns given".into()));
     }
     let mut files: Vec<PathBuf> = Vec::new();
     for pattern in patterns {
-        let paths = glob::glob(pattern).map_err(|e| {
-            DataError::InvalidArgument(format!("bad glob pattern '{pattern}': {e}"))
-        })?;
+        let paths = glob::glob(pattern)
+            .map_err(|e| DataError::InvalidArgument(format!("bad glob pattern '{pattern}': {e}")))?;
         let mut matched = Vec::new();
         for entry in paths {
             let path = entry.map_err(|e| {
@@ -292,9 +257,7 @@ fn expand_patterns(patterns: &[String]) -> Result<Vec<PathBuf>, DataError> {
             }
         }
         if matched.is_empty() {
-            return Err(DataError::NoInput(format!(
-                "pattern '{pattern}' matched no files"
-            )));
+            return Err(DataError::NoInput(format!("pattern '{pattern}' matched no files")));
         }
         matched.sort();
         for p in matched {
@@ -312,19 +275,13 @@ fn find_split(files: &[PathBuf], sizes: &[u64], target: u64) -> Result<SplitPoin
     for (i, (path, &size)) in files.iter().zip(sizes).enumerate() {
         if target < start + size {
             let local = target - start;
-            return Ok(SplitPoint {
-                file_index: i,
-                offset: next_line_start(path, local, size)?,
-            });
+            return Ok(SplitPoint { file_index: i, offset: next_line_start(path, local, size)? });
         }
         start += size;
     }
     // target == total: everything is train; point at the end of the last file.
     let last = files.len() - 1;
-    Ok(SplitPoint {
-        file_index: last,
-        offset: sizes[last],
-    })
+    Ok(SplitPoint { file_index: last, offset: sizes[last] })
 }
 
 /// Smallest `p >= at` with `p == 0`, `p == size`, or byte `p - 1` a `'\n'`.
@@ -333,14 +290,11 @@ fn next_line_start(path: &Path, at: u64, size: u64) -> Result<u64, DataError> {
         return Ok(0);
     }
     let mut f = File::open(path).map_err(|e| DataError::io("opening", path, e))?;
-    f.seek(SeekFrom::Start(at - 1))
-        .map_err(|e| DataError::io("seeking in", path, e))?;
+    f.seek(SeekFrom::Start(at - 1)).map_err(|e| DataError::io("seeking in", path, e))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos = at - 1;
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| DataError::io("reading", path, e))?;
+        let n = f.read(&mut buf).map_err(|e| DataError::io("reading", path, e))?;
         if n == 0 {
             return Ok(size);
         }
@@ -370,8 +324,7 @@ struct ChunkReader {
 impl ChunkReader {
     fn open(path: &Path, start: u64, end: u64, chunk_bytes: usize) -> Result<Self, DataError> {
         let mut file = File::open(path).map_err(|e| DataError::io("opening", path, e))?;
-        file.seek(SeekFrom::Start(start))
-            .map_err(|e| DataError::io("seeking in", path, e))?;
+        file.seek(SeekFrom::Start(start)).map_err(|e| DataError::io("seeking in", path, e))?;
         Ok(ChunkReader {
             file,
             path: path.to_path_buf(),
@@ -397,19 +350,13 @@ impl ChunkReader {
             let n = ((want - self.buf.len()).max(64 * 1024) as u64).min(self.remaining) as usize;
             let old = self.buf.len();
             self.buf.resize(old + n, 0);
-            let got = self
-                .file
-                .read(&mut self.buf[old..])
-                .map_err(|e| DataError::io("reading", &self.path, e))?;
+            let got = self.file.read(&mut self.buf[old..]).map_err(|e| DataError::io("reading", &self.path, e))?;
             self.buf.truncate(old + got);
             if got == 0 {
                 return Err(DataError::io(
                     "reading",
                     &self.path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "file shrank while being read",
-                    ),
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being read"),
                 ));
             }
             self.remaining -= got as u64;
@@ -458,10 +405,7 @@ impl ChunkReader {
 fn safe_cut(buf: &[u8], limit: usize) -> Option<usize> {
     let is_safe = |p: usize| is_safe_cut(buf, p);
     let hi = limit.min(buf.len().saturating_sub(1));
-    (2..=hi)
-        .rev()
-        .find(|&p| is_safe(p))
-        .or_else(|| (hi + 1..buf.len()).find(|&p| is_safe(p)))
+    (2..=hi).rev().find(|&p| is_safe(p)).or_else(|| (hi + 1..buf.len()).find(|&p| is_safe(p)))
 }
 
 /// A cut before `p` is safe when `buf[p-1]` is `'\n'` and the characters on either side of it
@@ -487,9 +431,7 @@ fn first_char(b: &[u8]) -> Option<char> {
 
 fn last_char(b: &[u8]) -> Option<char> {
     // A UTF-8 character starts at the last byte that is not a continuation byte (10xxxxxx).
-    let start = (b.len().saturating_sub(4)..b.len())
-        .rev()
-        .find(|&i| b[i] & 0xC0 != 0x80)?;
+    let start = (b.len().saturating_sub(4)..b.len()).rev().find(|&i| b[i] & 0xC0 != 0x80)?;
     std::str::from_utf8(&b[start..]).ok()?.chars().next()
 }
 
@@ -499,10 +441,7 @@ fn fallback_cut(buf: &[u8]) -> usize {
     if let Some(k) = buf.iter().rposition(|&b| b == b'\n') {
         return k + 1;
     }
-    (1..buf.len())
-        .rev()
-        .find(|&i| buf[i] & 0xC0 != 0x80)
-        .unwrap_or(buf.len())
+    (1..buf.len()).rev().find(|&i| buf[i] & 0xC0 != 0x80).unwrap_or(buf.len())
 }
 
 /// Work waiting to be encoded and written, in order.
@@ -519,11 +458,7 @@ enum Item {
 
 impl Batch {
     fn new(capacity: usize) -> Batch {
-        Batch {
-            items: Vec::new(),
-            texts: 0,
-            capacity,
-        }
+        Batch { items: Vec::new(), texts: 0, capacity }
     }
 
     fn push_text(&mut self, dest: usize, text: String) {
@@ -540,11 +475,7 @@ impl Batch {
     }
 
     /// Encodes the texts in parallel, writes everything in order, returns the bytes encoded.
-    fn flush(
-        &mut self,
-        tokenizer: &Tokenizer,
-        writers: &mut [ShardWriter; 2],
-    ) -> Result<u64, DataError> {
+    fn flush(&mut self, tokenizer: &Tokenizer, writers: &mut [ShardWriter; 2]) -> Result<u64, DataError> {
         let items = std::mem::take(&mut self.items);
         self.texts = 0;
         // par_iter().collect() keeps input order, so the shards do not depend on scheduling.

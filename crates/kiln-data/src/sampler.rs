@@ -27,14 +27,7 @@ pub struct BatchSampler {
 impl BatchSampler {
     /// A sampler at batch 0.
     pub fn new(seed: u64, batch: usize, seq: usize) -> BatchSampler {
-        Self::from_state(
-            SamplerState {
-                seed,
-                next_batch: 0,
-            },
-            batch,
-            seq,
-        )
+        Self::from_state(SamplerState { seed, next_batch: 0 }, batch, seq)
     }
 
     /// A sampler that continues from a saved state.
@@ -49,12 +42,7 @@ impl BatchSampler {
 
     /// Fills `inputs` with `batch` windows of `seq` tokens and `targets` with the same windows
     /// shifted one token right; both must hold `batch * seq` values (row-major `[batch, seq]`).
-    pub fn next_batch(
-        &mut self,
-        shard: &TokenShard,
-        inputs: &mut [u32],
-        targets: &mut [u32],
-    ) -> Result<(), DataError> {
+    pub fn next_batch(&mut self, shard: &TokenShard, inputs: &mut [u32], targets: &mut [u32]) -> Result<(), DataError> {
         let (b, t) = (self.batch, self.seq);
         check_shape(b, t)?;
         let n = b * t;
@@ -136,11 +124,7 @@ fn check_shape(batch: usize, seq: usize) -> Result<(), DataError> {
 
 fn check_fits(shard: &TokenShard, seq: usize) -> Result<(), DataError> {
     if shard.len() <= seq {
-        return Err(DataError::CorpusTooSmall {
-            tokens: shard.len(),
-            needed: seq + 1,
-            seq,
-        });
+        return Err(DataError::CorpusTooSmall { tokens: shard.len(), needed: seq + 1, seq });
     }
     Ok(())
 }

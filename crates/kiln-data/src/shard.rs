@@ -41,16 +41,12 @@ pub struct TokenShard {
 impl TokenShard {
     /// Maps `path` and checks magic, version, token width and that the size matches the count.
     pub fn open(path: &Path) -> Result<TokenShard, DataError> {
-        let bad = |reason: String| DataError::BadShard {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| DataError::BadShard { path: path.to_path_buf(), reason };
         let file = File::open(path).map_err(|e| DataError::io("opening token shard", path, e))?;
         // SAFETY: the map is read-only; as with any mmap, another process truncating or rewriting
         // the file while we read it is outside what we can guard against. We write shards by
         // rename, so our own writers never modify a mapped file in place.
-        let map = unsafe { Mmap::map(&file) }
-            .map_err(|e| DataError::io("memory-mapping token shard", path, e))?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io("memory-mapping token shard", path, e))?;
         if map.len() < HEADER_LEN {
             return Err(bad(format!(
                 "file is {} bytes, shorter than the {HEADER_LEN}-byte header (truncated?)",
@@ -62,9 +58,7 @@ impl TokenShard {
         }
         let version = u32::from_le_bytes(le4(&map[8..12]));
         if version != SHARD_VERSION {
-            return Err(bad(format!(
-                "format version {version}; this build reads version {SHARD_VERSION}"
-            )));
+            return Err(bad(format!("format version {version}; this build reads version {SHARD_VERSION}")));
         }
         let bpt = u32::from_le_bytes(le4(&map[12..16]));
         if bpt != 2 && bpt != 4 {
@@ -81,21 +75,11 @@ impl TokenShard {
             )));
         }
         if body > expected {
-            return Err(bad(format!(
-                "header says {count} tokens ({expected} bytes) but {body} bytes follow"
-            )));
+            return Err(bad(format!("header says {count} tokens ({expected} bytes) but {body} bytes follow")));
         }
-        let len = usize::try_from(count).map_err(|_| {
-            bad(format!(
-                "{count} tokens do not fit this machine's address space"
-            ))
-        })?;
-        Ok(TokenShard {
-            map,
-            len,
-            bytes_per_token: bpt as usize,
-            max_token: OnceLock::new(),
-        })
+        let len = usize::try_from(count)
+            .map_err(|_| bad(format!("{count} tokens do not fit this machine's address space")))?;
+        Ok(TokenShard { map, len, bytes_per_token: bpt as usize, max_token: OnceLock::new() })
     }
 
     /// Number of tokens.
@@ -115,11 +99,7 @@ impl TokenShard {
 
     /// Token `i`. Panics if `i >= len()`, like slice indexing.
     pub fn get(&self, i: usize) -> u32 {
-        assert!(
-            i < self.len,
-            "token index {i} out of range for shard of {}",
-            self.len
-        );
+        assert!(i < self.len, "token index {i} out of range for shard of {}", self.len);
         let at = HEADER_LEN + i * self.bytes_per_token;
         match self.bytes_per_token {
             2 => u16::from_le_bytes([self.map[at], self.map[at + 1]]) as u32,
@@ -129,18 +109,10 @@ impl TokenShard {
 
     /// Copies `out.len()` tokens starting at `start`. Panics if the range passes the end.
     pub fn copy_range(&self, start: usize, out: &mut [u32]) {
-        let end = start
-            .checked_add(out.len())
-            .filter(|&e| e <= self.len)
-            .unwrap_or_else(|| {
-                panic!(
-                    "token range {start}..{start}+{} out of range for shard of {}",
-                    out.len(),
-                    self.len
-                )
-            });
-        let bytes = &self.map
-            [HEADER_LEN + start * self.bytes_per_token..HEADER_LEN + end * self.bytes_per_token];
+        let end = start.checked_add(out.len()).filter(|&e| e <= self.len).unwrap_or_else(|| {
+            panic!("token range {start}..{start}+{} out of range for shard of {}", out.len(), self.len)
+        });
+        let bytes = &self.map[HEADER_LEN + start * self.bytes_per_token..HEADER_LEN + end * self.bytes_per_token];
         match self.bytes_per_token {
             2 => {
                 for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -190,20 +162,12 @@ impl ShardWriter {
     }
 
     /// Starts a shard with an explicit token width (2 or 4).
-    pub fn with_bytes_per_token(
-        path: &Path,
-        bytes_per_token: u32,
-    ) -> Result<ShardWriter, DataError> {
+    pub fn with_bytes_per_token(path: &Path, bytes_per_token: u32) -> Result<ShardWriter, DataError> {
         if bytes_per_token != 2 && bytes_per_token != 4 {
-            return Err(DataError::InvalidArgument(format!(
-                "bytes per token must be 2 or 4, not {bytes_per_token}"
-            )));
+            return Err(DataError::InvalidArgument(format!("bytes per token must be 2 or 4, not {bytes_per_token}")));
         }
         let mut tmp = TempFile::create(path)?;
-        let file = tmp
-            .file()
-            .try_clone()
-            .map_err(|e| DataError::io("opening", tmp.tmp_path(), e))?;
+        let file = tmp.file().try_clone().map_err(|e| DataError::io("opening", tmp.tmp_path(), e))?;
         let mut w = ShardWriter {
             out: BufWriter::with_capacity(1 << 20, file),
             tmp,
@@ -223,9 +187,7 @@ impl ShardWriter {
         h[12..16].copy_from_slice(&self.bytes_per_token.to_le_bytes());
         h[16..24].copy_from_slice(&count.to_le_bytes());
         let path = self.tmp.tmp_path().to_path_buf();
-        self.out
-            .write_all(&h)
-            .map_err(|e| DataError::io("writing token shard", path, e))
+        self.out.write_all(&h).map_err(|e| DataError::io("writing token shard", path, e))
     }
 
     /// Appends tokens; errors if one does not fit the token width.
@@ -247,9 +209,7 @@ impl ShardWriter {
             }
         }
         let path = self.tmp.tmp_path().to_path_buf();
-        self.out
-            .write_all(&buf)
-            .map_err(|e| DataError::io("writing token shard", path, e))?;
+        self.out.write_all(&buf).map_err(|e| DataError::io("writing token shard", path, e))?;
         self.count += tokens.len() as u64;
         Ok(())
     }

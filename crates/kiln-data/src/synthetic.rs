@@ -105,20 +105,10 @@ const ONES: [&str; 20] = [
     "nineteen",
 ];
 
-const TENS: [&str; 10] = [
-    "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
-];
+const TENS: [&str; 10] = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"];
 
 /// Scale words for each group of three digits, from the right.
-const SCALES: [&str; 7] = [
-    "",
-    "thousand",
-    "million",
-    "billion",
-    "trillion",
-    "quadrillion",
-    "quintillion",
-];
+const SCALES: [&str; 7] = ["", "thousand", "million", "billion", "trillion", "quadrillion", "quintillion"];
 
 /// English words for `n`: `4127` → "four thousand one hundred twenty-seven".
 ///
@@ -205,10 +195,7 @@ struct LineGen {
 
 impl LineGen {
     fn new(seed: u64) -> LineGen {
-        LineGen {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            lex: Lexicon::new(),
-        }
+        LineGen { rng: ChaCha8Rng::seed_from_u64(seed), lex: Lexicon::new() }
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -237,11 +224,7 @@ impl LineGen {
     fn translation(&mut self) -> String {
         // Uniform digit count, so small and large numbers are equally common.
         let digits = 1 + self.below(6) as u32;
-        let lo = if digits == 1 {
-            0
-        } else {
-            10u64.pow(digits - 1)
-        };
+        let lo = if digits == 1 { 0 } else { 10u64.pow(digits - 1) };
         let hi = 10u64.pow(digits);
         let n = lo + uniform(&mut self.rng, hi - lo);
         format!("translate {n} to words: {}.", number_to_words(n))
@@ -255,18 +238,10 @@ impl LineGen {
             rest.push_str(Self::pick(&mut self.rng, &self.lex.adjectives));
             rest.push(' ');
         }
-        let nouns = if places {
-            &self.lex.places
-        } else {
-            &self.lex.nouns
-        };
+        let nouns = if places { &self.lex.places } else { &self.lex.nouns };
         rest.push_str(Self::pick(&mut self.rng, nouns));
         // "a" before a vowel sound is "an"; first-letter rule is right for this word list.
-        let det = if det == "a" && rest.starts_with(['a', 'e', 'i', 'o', 'u']) {
-            "an"
-        } else {
-            det
-        };
+        let det = if det == "a" && rest.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { det };
         format!("{det} {rest}")
     }
 

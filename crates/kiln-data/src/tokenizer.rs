@@ -25,8 +25,7 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json` (GPT-2's, Llama's, or one saved by `save`).
     pub fn from_file(path: &Path) -> Result<Tokenizer, DataError> {
-        let json = std::fs::read_to_string(path)
-            .map_err(|e| DataError::io("reading tokenizer", path, e))?;
+        let json = std::fs::read_to_string(path).map_err(|e| DataError::io("reading tokenizer", path, e))?;
         Self::parse(&json, &path.display().to_string())
     }
 
@@ -36,11 +35,8 @@ impl Tokenizer {
     }
 
     fn parse(json: &str, origin: &str) -> Result<Tokenizer, DataError> {
-        let inner =
-            tokenizers::Tokenizer::from_str(json).map_err(|e| DataError::InvalidTokenizer {
-                origin: origin.to_string(),
-                message: e.to_string(),
-            })?;
+        let inner = tokenizers::Tokenizer::from_str(json)
+            .map_err(|e| DataError::InvalidTokenizer { origin: origin.to_string(), message: e.to_string() })?;
         Ok(Tokenizer { inner })
     }
 
@@ -55,9 +51,7 @@ impl Tokenizer {
     /// the vocabulary comes out smaller than asked; it is never larger.
     pub fn train_bpe(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer, DataError> {
         if files.is_empty() {
-            return Err(DataError::NoInput(
-                "no files given to train the tokenizer on".into(),
-            ));
+            return Err(DataError::NoInput("no files given to train the tokenizer on".into()));
         }
         if vocab_size < MIN_TRAIN_VOCAB {
             return Err(DataError::InvalidArgument(format!(
@@ -74,9 +68,9 @@ impl Tokenizer {
             }
             total += meta.len();
             // The trainer API takes String paths; refuse names it cannot represent.
-            let name = f.to_str().ok_or_else(|| {
-                DataError::InvalidArgument(format!("path {} is not valid UTF-8", f.display()))
-            })?;
+            let name = f
+                .to_str()
+                .ok_or_else(|| DataError::InvalidArgument(format!("path {} is not valid UTF-8", f.display())))?;
             names.push(name.to_string());
         }
         if total == 0 {
@@ -94,19 +88,16 @@ impl Tokenizer {
             .vocab_size(vocab_size - 1)
             .initial_alphabet(alphabet)
             .build();
-        let mut tk: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> =
-            TokenizerBuilder::new()
-                .with_model(BPE::default())
-                .with_normalizer(None)
-                .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-                .with_post_processor(Some(ByteLevel::new(false, true, true)))
-                .with_decoder(Some(ByteLevel::new(false, true, true)))
-                .build()
-                .map_err(|e| tk_err("building the tokenizer", e))?;
-        tk.train_from_files(&mut trainer, names)
-            .map_err(|e| tk_err("training BPE", e))?;
-        tk.add_special_tokens([AddedToken::from(EOT_TOKEN, true)])
-            .map_err(|e| tk_err("adding <|endoftext|>", e))?;
+        let mut tk: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> = TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_post_processor(Some(ByteLevel::new(false, true, true)))
+            .with_decoder(Some(ByteLevel::new(false, true, true)))
+            .build()
+            .map_err(|e| tk_err("building the tokenizer", e))?;
+        tk.train_from_files(&mut trainer, names).map_err(|e| tk_err("training BPE", e))?;
+        tk.add_special_tokens([AddedToken::from(EOT_TOKEN, true)]).map_err(|e| tk_err("adding <|endoftext|>", e))?;
 
         // The generic TokenizerImpl converts into the type-erased wrapper loaded files use.
         let inner: tokenizers::Tokenizer = tk.into();
@@ -120,9 +111,7 @@ impl Tokenizer {
 
     /// The `tokenizer.json` text.
     pub fn to_json_string(&self) -> Result<String, DataError> {
-        self.inner
-            .to_string(true)
-            .map_err(|e| tk_err("serializing", e))
+        self.inner.to_string(true).map_err(|e| tk_err("serializing", e))
     }
 
     /// Number of token ids, counting added tokens such as `<|endoftext|>`.
@@ -133,10 +122,7 @@ impl Tokenizer {
     /// Token ids for `text`, without any BOS/EOS a post-processor would add.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         // encode_fast skips char-offset bookkeeping we never read.
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| tk_err("encoding", e))?;
+        let enc = self.inner.encode_fast(text, false).map_err(|e| tk_err("encoding", e))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -149,9 +135,7 @@ impl Tokenizer {
                 self.vocab_size()
             )));
         }
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| tk_err("decoding", e))
+        self.inner.decode(ids, false).map_err(|e| tk_err("decoding", e))
     }
 
     /// The id of `<|endoftext|>`, if this tokenizer has it.
@@ -161,8 +145,5 @@ impl Tokenizer {
 }
 
 fn tk_err(action: &'static str, e: impl std::fmt::Display) -> DataError {
-    DataError::Tokenizer {
-        action,
-        message: e.to_string(),
-    }
+    DataError::Tokenizer { action, message: e.to_string() }
 }

@@ -5,18 +5,10 @@ use kiln_data::{prepare, synthetic, DataError, Dataset, PrepareOptions, TokenSha
 use std::path::Path;
 
 fn opts(val_fraction: f64, chunk_bytes: usize) -> PrepareOptions {
-    PrepareOptions {
-        val_fraction,
-        chunk_bytes,
-        append_eot_per_file: true,
-    }
+    PrepareOptions { val_fraction, chunk_bytes, append_eot_per_file: true }
 }
 
-fn run(
-    patterns: &[String],
-    out: &Path,
-    o: &PrepareOptions,
-) -> Result<kiln_data::PrepareSummary, DataError> {
+fn run(patterns: &[String], out: &Path, o: &PrepareOptions) -> Result<kiln_data::PrepareSummary, DataError> {
     prepare(patterns, trained(), out, o, &mut |_, _| {})
 }
 
@@ -55,13 +47,9 @@ fn two_files_via_glob_split_matches_encoding_each_part() {
     let out = dir.path().join("out");
     let pattern = format!("{}/*.txt", dir.path().display());
     let mut calls = Vec::new();
-    let summary = prepare(
-        std::slice::from_ref(&pattern),
-        trained(),
-        &out,
-        &opts(0.3, 4096),
-        &mut |done, total| calls.push((done, total)),
-    )
+    let summary = prepare(std::slice::from_ref(&pattern), trained(), &out, &opts(0.3, 4096), &mut |done, total| {
+        calls.push((done, total))
+    })
     .unwrap();
 
     let total = (a.len() + b.len()) as u64;
@@ -78,15 +66,9 @@ fn two_files_via_glob_split_matches_encoding_each_part() {
         serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["split"]["file_index"], 1);
     let off = meta["split"]["offset"].as_u64().unwrap() as usize;
-    assert!(
-        off >= 35_000 - a.len() && off < 35_000 - a.len() + 200,
-        "{off}"
-    );
+    assert!(off >= 35_000 - a.len() && off < 35_000 - a.len() + 200, "{off}");
     assert_eq!(&b[off - 1..off], "\n");
-    assert_eq!(
-        meta["train_bytes"].as_u64().unwrap(),
-        (a.len() + off) as u64
-    );
+    assert_eq!(meta["train_bytes"].as_u64().unwrap(), (a.len() + off) as u64);
 
     let tk = trained();
     let eot = tk.eot_id().unwrap();
@@ -103,10 +85,7 @@ fn two_files_via_glob_split_matches_encoding_each_part() {
     assert_eq!(tokens(&ds.train), want_train);
     assert_eq!(tokens(&ds.val), want_val);
     // The tokenizer travels with the shards, and no temp files are left.
-    assert_eq!(
-        common::listing(&out),
-        vec!["meta.json", "tokenizer.json", "train.bin", "val.bin"]
-    );
+    assert_eq!(common::listing(&out), vec!["meta.json", "tokenizer.json", "train.bin", "val.bin"]);
 }
 
 #[test]
@@ -122,10 +101,7 @@ fn tiny_chunks_give_the_same_shards_as_one_chunk() {
     for ws in ["  \n", "\r\n", "\t\n"] {
         assert_eq!(tk.encode(ws).unwrap().len(), 1, "no merge for {ws:?}");
     }
-    let patterns = vec![
-        dir.path().join("a.txt").display().to_string(),
-        dir.path().join("b.txt").display().to_string(),
-    ];
+    let patterns = vec![dir.path().join("a.txt").display().to_string(), dir.path().join("b.txt").display().to_string()];
     let small = dir.path().join("small");
     let big = dir.path().join("big");
     prepare(&patterns, &tk, &small, &opts(0.1, 64), &mut |_, _| {}).unwrap();
@@ -148,11 +124,7 @@ fn val_fraction_zero_puts_everything_in_train() {
     let a = synthetic::generate(30, 5_000);
     std::fs::write(dir.path().join("a.txt"), &a).unwrap();
     let out = dir.path().join("out");
-    let o = PrepareOptions {
-        val_fraction: 0.0,
-        chunk_bytes: 1000,
-        append_eot_per_file: false,
-    };
+    let o = PrepareOptions { val_fraction: 0.0, chunk_bytes: 1000, append_eot_per_file: false };
     let s = run(&[dir.path().join("a.txt").display().to_string()], &out, &o).unwrap();
     let ds = Dataset::open(&out).unwrap();
     assert_eq!(s.val_tokens, 0);
@@ -172,10 +144,7 @@ fn errors_are_clear_and_leave_no_output() {
     assert!(matches!(e, DataError::NoInput(_)), "{e}");
     let nothing = format!("{}/*.nothing", dir.path().display());
     let e = run(std::slice::from_ref(&nothing), &out, &opts(0.1, 64)).unwrap_err();
-    assert!(
-        matches!(e, DataError::NoInput(_)) && e.to_string().contains("*.nothing"),
-        "{e}"
-    );
+    assert!(matches!(e, DataError::NoInput(_)) && e.to_string().contains("*.nothing"), "{e}");
 
     for vf in [1.0, -0.1, f64::NAN, 2.0] {
         let e = run(&text_pat, &out, &opts(vf, 64)).unwrap_err();
@@ -195,11 +164,7 @@ fn errors_are_clear_and_leave_no_output() {
     assert!(matches!(e, DataError::InvalidUtf8 { offset: 3, .. }), "{e}");
 
     // Failed runs leave no shard or temp file behind.
-    assert!(
-        !out.exists() || common::listing(&out).is_empty(),
-        "{:?}",
-        common::listing(&out)
-    );
+    assert!(!out.exists() || common::listing(&out).is_empty(), "{:?}", common::listing(&out));
 
     let e = Dataset::open(&dir.path().join("nowhere")).unwrap_err();
     assert!(e.to_string().contains("train.bin"), "{e}");

@@ -34,13 +34,7 @@ fn windows_are_contiguous_and_targets_shifted() {
             }
         }
     }
-    assert_eq!(
-        s.state(),
-        SamplerState {
-            seed: 7,
-            next_batch: 50
-        }
-    );
+    assert_eq!(s.state(), SamplerState { seed: 7, next_batch: 50 });
 }
 
 #[test]
@@ -64,9 +58,7 @@ fn resuming_from_state_continues_identically() {
     let dir = tempfile::tempdir().unwrap();
     let shard = counting_shard(dir.path(), 3000);
     let mut straight = BatchSampler::new(42, 3, 10);
-    let all: Vec<_> = (0..12)
-        .map(|_| draw(&mut straight, &shard, 3, 10))
-        .collect();
+    let all: Vec<_> = (0..12).map(|_| draw(&mut straight, &shard, 3, 10)).collect();
 
     let mut first = BatchSampler::new(42, 3, 10);
     for want in &all[..5] {
@@ -106,21 +98,11 @@ fn too_small_corpus_and_bad_shapes_are_errors() {
     let shard = counting_shard(dir.path(), 8);
     let mut x = vec![0; 8];
     let mut y = vec![0; 8];
-    let e = BatchSampler::new(0, 1, 8)
-        .next_batch(&shard, &mut x, &mut y)
-        .unwrap_err();
+    let e = BatchSampler::new(0, 1, 8).next_batch(&shard, &mut x, &mut y).unwrap_err();
     assert!(matches!(e, DataError::CorpusTooSmall { .. }));
-    assert!(
-        e.to_string()
-            .contains("corpus of 8 tokens is smaller than one sequence of 9"),
-        "{e}"
-    );
-    assert!(BatchSampler::new(0, 0, 8)
-        .next_batch(&shard, &mut [], &mut [])
-        .is_err());
-    assert!(BatchSampler::new(0, 1, 0)
-        .next_batch(&shard, &mut [], &mut [])
-        .is_err());
+    assert!(e.to_string().contains("corpus of 8 tokens is smaller than one sequence of 9"), "{e}");
+    assert!(BatchSampler::new(0, 0, 8).next_batch(&shard, &mut [], &mut []).is_err());
+    assert!(BatchSampler::new(0, 1, 0).next_batch(&shard, &mut [], &mut []).is_err());
     let big = counting_shard(dir.path(), 100);
     let mut s = BatchSampler::new(0, 2, 8);
     let e = s.next_batch(&big, &mut x, &mut y).unwrap_err();

@@ -21,14 +21,8 @@ fn check_round_trip(vocab: usize, tokens: &[u32], bytes_per_token: usize) {
     let raw = std::fs::read(&path).unwrap();
     assert_eq!(&raw[..8], b"KILNTOK1");
     assert_eq!(u32::from_le_bytes(raw[8..12].try_into().unwrap()), 1);
-    assert_eq!(
-        u32::from_le_bytes(raw[12..16].try_into().unwrap()) as usize,
-        bytes_per_token
-    );
-    assert_eq!(
-        u64::from_le_bytes(raw[16..24].try_into().unwrap()),
-        tokens.len() as u64
-    );
+    assert_eq!(u32::from_le_bytes(raw[12..16].try_into().unwrap()) as usize, bytes_per_token);
+    assert_eq!(u64::from_le_bytes(raw[16..24].try_into().unwrap()), tokens.len() as u64);
     assert_eq!(raw.len(), 24 + bytes_per_token * tokens.len());
 
     let shard = TokenShard::open(&path).unwrap();
@@ -50,19 +44,13 @@ fn check_round_trip(vocab: usize, tokens: &[u32], bytes_per_token: usize) {
 
 #[test]
 fn u16_round_trip() {
-    let tokens: Vec<u32> = (0..1000u32)
-        .map(|i| (i * 7919) % 65536)
-        .chain([65535, 0])
-        .collect();
+    let tokens: Vec<u32> = (0..1000u32).map(|i| (i * 7919) % 65536).chain([65535, 0]).collect();
     check_round_trip(65536, &tokens, 2);
 }
 
 #[test]
 fn u32_round_trip() {
-    let tokens: Vec<u32> = (0..1000u32)
-        .map(|i| (i * 7919) % 70000)
-        .chain([69_999, 65_536])
-        .collect();
+    let tokens: Vec<u32> = (0..1000u32).map(|i| (i * 7919) % 70000).chain([69_999, 65_536]).collect();
     check_round_trip(70000, &tokens, 4);
     // A 4-byte shard holds any u32.
     check_round_trip(usize::MAX, &[u32::MAX, 0, 12345678], 4);
@@ -104,18 +92,9 @@ fn truncated_and_corrupt_shards_are_errors() {
         (good[..10].to_vec(), "header"),
         ([&good[..], &[0, 0]].concat(), "bytes follow"),
         ([b"KILNTOK2", &good[8..]].concat(), "magic"),
-        (
-            [&good[..8], &7u32.to_le_bytes(), &good[12..]].concat(),
-            "version 7",
-        ),
-        (
-            [&good[..12], &3u32.to_le_bytes(), &good[16..]].concat(),
-            "bytes per token",
-        ),
-        (
-            [&good[..16], &u64::MAX.to_le_bytes(), &good[24..]].concat(),
-            "large",
-        ),
+        ([&good[..8], &7u32.to_le_bytes(), &good[12..]].concat(), "version 7"),
+        ([&good[..12], &3u32.to_le_bytes(), &good[16..]].concat(), "bytes per token"),
+        ([&good[..16], &u64::MAX.to_le_bytes(), &good[24..]].concat(), "large"),
     ];
     for (bytes, needle) in cases {
         let bad = dir.path().join("bad.bin");

@@ -52,20 +52,13 @@ fn both_line_kinds_appear_and_translations_are_right() {
         } else {
             let words: Vec<&str> = line.trim_end_matches('.').split(' ').collect();
             assert!(words.len() >= 3, "{line}");
-            assert!(
-                line.chars()
-                    .all(|c| c.is_ascii_lowercase() || " ,.-".contains(c)),
-                "{line}"
-            );
+            assert!(line.chars().all(|c| c.is_ascii_lowercase() || " ,.-".contains(c)), "{line}");
             assert!(!line.contains(" a a") && !line.contains(" a o"), "{line}");
             sentences += 1;
         }
     }
     // About one line in three is a translation.
-    assert!(
-        translations > 100 && sentences > translations,
-        "{translations} {sentences}"
-    );
+    assert!(translations > 100 && sentences > translations, "{translations} {sentences}");
 }
 
 #[test]

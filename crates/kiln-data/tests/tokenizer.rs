@@ -78,11 +78,7 @@ fn save_and_load_give_identical_ids() {
 fn loads_tokenizer_saved_by_the_tokenizers_crate() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("c.txt");
-    std::fs::write(
-        &corpus,
-        "hello world, hello there, world of hello\n".repeat(20),
-    )
-    .unwrap();
+    std::fs::write(&corpus, "hello world, hello there, world of hello\n".repeat(20)).unwrap();
     let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
@@ -90,18 +86,15 @@ fn loads_tokenizer_saved_by_the_tokenizers_crate() {
         .initial_alphabet(alphabet)
         .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
         .build();
-    let mut reference: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> =
-        TokenizerBuilder::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-            .with_post_processor(Some(ByteLevel::default()))
-            .with_decoder(Some(ByteLevel::default()))
-            .build()
-            .unwrap();
-    reference
-        .train_from_files(&mut trainer, vec![corpus.to_str().unwrap().to_string()])
+    let mut reference: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_post_processor(Some(ByteLevel::default()))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
         .unwrap();
+    reference.train_from_files(&mut trainer, vec![corpus.to_str().unwrap().to_string()]).unwrap();
     let path = dir.path().join("tokenizer.json");
     reference.save(&path, false).unwrap();
 
@@ -118,10 +111,7 @@ fn loads_tokenizer_saved_by_the_tokenizers_crate() {
 
 /// GPT-2's byte → printable-char table (the `bytes_to_unicode` of openai/gpt-2).
 fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -143,17 +133,12 @@ fn loads_handwritten_gpt2_format_json() {
     // Same layout as GPT-2's tokenizer.json: byte vocab, string merges, eot as the last id.
     let table = bytes_to_unicode();
     let mut vocab: Vec<String> = table.iter().map(|c| c.to_string()).collect();
-    let merges = [
-        "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d",
-    ];
+    let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"];
     for m in merges {
         vocab.push(m.replace(' ', ""));
     }
-    let vocab_json: serde_json::Map<String, serde_json::Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
-        .collect();
+    let vocab_json: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::Value::from(i))).collect();
     let eot = vocab.len();
     let json = serde_json::json!({
         "version": "1.0",
@@ -181,10 +166,7 @@ fn loads_handwritten_gpt2_format_json() {
     let hello = vocab.iter().position(|t| t == "hello").unwrap() as u32;
     let world = vocab.iter().position(|t| t == "Ġworld").unwrap() as u32;
     let bang = vocab.iter().position(|t| t == "!").unwrap() as u32;
-    assert_eq!(
-        tk.encode("hello world!<|endoftext|>").unwrap(),
-        vec![hello, world, bang, eot as u32]
-    );
+    assert_eq!(tk.encode("hello world!<|endoftext|>").unwrap(), vec![hello, world, bang, eot as u32]);
     assert_eq!(tk.decode(&[hello, world, bang]).unwrap(), "hello world!");
 }
 

@@ -61,20 +61,13 @@ pub fn read_metrics(path: &Path, label: &str) -> Result<Vec<Series>, EvalError> 
     let mut val: BTreeMap<OrdF64, f64> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
-        let bad = |message: String| EvalError::MetricsLine {
-            path: path.to_path_buf(),
-            line: line_no,
-            message,
-        };
+        let bad = |message: String| EvalError::MetricsLine { path: path.to_path_buf(), line: line_no, message };
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| bad("expected a JSON object".to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let obj = value.as_object().ok_or_else(|| bad("expected a JSON object".to_string()))?;
         let step = match obj.get("step") {
             None | Some(serde_json::Value::Null) => continue,
             Some(v) => number(v).ok_or_else(|| bad(format!("\"step\" is not a number: {v}")))?,
@@ -83,28 +76,19 @@ pub fn read_metrics(path: &Path, label: &str) -> Result<Vec<Series>, EvalError> 
             match obj.get(key) {
                 None | Some(serde_json::Value::Null) => {}
                 Some(v) => {
-                    let y =
-                        number(v).ok_or_else(|| bad(format!("\"{key}\" is not a number: {v}")))?;
+                    let y = number(v).ok_or_else(|| bad(format!("\"{key}\" is not a number: {v}")))?;
                     map.insert(OrdF64(step), y);
                 }
             }
         }
     }
     if train.is_empty() {
-        return Err(EvalError::NoLoss {
-            path: path.to_path_buf(),
-        });
+        return Err(EvalError::NoLoss { path: path.to_path_buf() });
     }
     let to_points = |m: BTreeMap<OrdF64, f64>| m.into_iter().map(|(k, v)| (k.0, v)).collect();
-    let mut out = vec![Series {
-        label: format!("{label} train"),
-        points: to_points(train),
-    }];
+    let mut out = vec![Series { label: format!("{label} train"), points: to_points(train) }];
     if !val.is_empty() {
-        out.push(Series {
-            label: format!("{label} val"),
-            points: to_points(val),
-        });
+        out.push(Series { label: format!("{label} val"), points: to_points(val) });
     }
     Ok(out)
 }
@@ -142,9 +126,7 @@ pub fn write_svg(curves: &LossCurves, path: &Path) -> Result<(), EvalError> {
 /// Writes the plot as a 900×540 PNG to `path` (atomically: a temporary file, renamed).
 pub fn write_png(curves: &LossCurves, path: &Path) -> Result<(), EvalError> {
     let pixmap = rasterize(&build_scene(curves))?;
-    let bytes = pixmap
-        .encode_png()
-        .map_err(|e| EvalError::Render(format!("PNG encoding failed: {e}")))?;
+    let bytes = pixmap.encode_png().map_err(|e| EvalError::Render(format!("PNG encoding failed: {e}")))?;
     write_atomic(path, &bytes)
 }
 
@@ -153,13 +135,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let io = |action: &'static str, path: PathBuf| {
-        move |source: std::io::Error| EvalError::Io {
-            action,
-            path,
-            source,
-        }
-    };
+    let io = |action: &'static str, path: PathBuf| move |source: std::io::Error| EvalError::Io { action, path, source };
     let mut builder = tempfile::Builder::new();
     builder.prefix(".kiln-plot-").suffix(".tmp");
     #[cfg(unix)]
@@ -167,14 +143,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o644));
     }
-    let mut tmp = builder
-        .tempfile_in(dir)
-        .map_err(io("cannot create a temporary file in", dir.to_path_buf()))?;
+    let mut tmp = builder.tempfile_in(dir).map_err(io("cannot create a temporary file in", dir.to_path_buf()))?;
     tmp.write_all(bytes)
         .and_then(|()| tmp.flush())
         .map_err(io("cannot write temporary file", tmp.path().to_path_buf()))?;
-    tmp.persist(path)
-        .map_err(|e| io("cannot write", path.to_path_buf())(e.error))?;
+    tmp.persist(path).map_err(|e| io("cannot write", path.to_path_buf())(e.error))?;
     Ok(())
 }
 
@@ -278,15 +251,8 @@ struct Scene {
 }
 
 fn is_val_label(label: &str) -> bool {
-    let last = label
-        .rsplit(|c: char| !c.is_alphanumeric())
-        .find(|s| !s.is_empty())
-        .unwrap_or("")
-        .to_lowercase();
-    matches!(
-        last.as_str(),
-        "val" | "valid" | "validation" | "eval" | "test"
-    )
+    let last = label.rsplit(|c: char| !c.is_alphanumeric()).find(|s| !s.is_empty()).unwrap_or("").to_lowercase();
+    matches!(last.as_str(), "val" | "valid" | "validation" | "eval" | "test")
 }
 
 /// Tick positions for [lo, hi] with about `target` intervals, and the decimals to print.
@@ -308,20 +274,14 @@ fn nice_ticks(lo: f64, hi: f64, target: usize, min_step: f64) -> (Vec<f64>, usiz
     let decimals = (-step.log10() - 1e-9).ceil().clamp(0.0, 12.0) as usize;
     let first = (lo / step - 1e-9).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
-    let ticks = (first..=last)
-        .take(100)
-        .map(|k| k as f64 * step + 0.0)
-        .collect();
+    let ticks = (first..=last).take(100).map(|k| k as f64 * step + 0.0).collect();
     (ticks, decimals)
 }
 
 fn fmt_tick(v: f64, decimals: usize) -> String {
     let s = format!("{v:.decimals$}");
     // Avoid "-0" / "-0.0".
-    if s.trim_start_matches('-')
-        .chars()
-        .all(|c| c == '0' || c == '.')
-    {
+    if s.trim_start_matches('-').chars().all(|c| c == '0' || c == '.') {
         s.trim_start_matches('-').to_string()
     } else {
         s
@@ -370,13 +330,7 @@ fn build_scene(curves: &LossCurves) -> Scene {
     let series: Vec<Vec<(f64, f64)>> = curves
         .series
         .iter()
-        .map(|s| {
-            s.points
-                .iter()
-                .copied()
-                .filter(|(x, y)| x.is_finite() && y.is_finite())
-                .collect()
-        })
+        .map(|s| s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect())
         .collect();
     let all = || series.iter().flatten();
     let has_data = all().next().is_some();
@@ -389,18 +343,10 @@ fn build_scene(curves: &LossCurves) -> Scene {
         xhi = all().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
         ylo = all().map(|p| p.1).fold(f64::INFINITY, f64::min);
         // Top of the y range: the largest value of the last 95% of each series.
-        yhi = series
-            .iter()
-            .flat_map(|s| s[s.len() / 20..].iter())
-            .map(|p| p.1)
-            .fold(f64::NEG_INFINITY, f64::max);
+        yhi = series.iter().flat_map(|s| s[s.len() / 20..].iter()).map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let ymax = all().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let span = yhi - ylo;
-        let pad = if span > 1e-12 * yhi.abs().max(1.0) {
-            0.05 * span
-        } else {
-            (0.05 * yhi.abs()).max(0.05)
-        };
+        let pad = if span > 1e-12 * yhi.abs().max(1.0) { 0.05 * span } else { (0.05 * yhi.abs()).max(0.05) };
         clipped = ymax > yhi + pad;
         ylo -= pad;
         yhi += pad;
@@ -417,10 +363,7 @@ fn build_scene(curves: &LossCurves) -> Scene {
     let (xticks, xdec) = nice_ticks(xlo, xhi, 8, if integer_x { 1.0 } else { 0.0 });
     let (yticks, ydec) = nice_ticks(ylo, yhi, 6, 0.0);
     let ylabels: Vec<String> = yticks.iter().map(|&v| fmt_tick(v, ydec)).collect();
-    let ytick_w = ylabels
-        .iter()
-        .map(|s| text_width(s, TICK_FONT))
-        .fold(0.0, f32::max);
+    let ytick_w = ylabels.iter().map(|s| text_width(s, TICK_FONT)).fold(0.0, f32::max);
 
     // Plot area.
     let px0 = (ytick_w + 8.0 + 34.0).round();
@@ -435,37 +378,16 @@ fn build_scene(curves: &LossCurves) -> Scene {
     // Crisp 1px lines: put them on pixel centres.
     let crisp = |v: f32| v.floor() + 0.5;
 
-    let mut prims = vec![Prim::Rect {
-        x: 0.0,
-        y: 0.0,
-        w,
-        h,
-        fill: Some(WHITE),
-        stroke: None,
-    }];
+    let mut prims = vec![Prim::Rect { x: 0.0, y: 0.0, w, h, fill: Some(WHITE), stroke: None }];
 
     // Grid lines.
     for &x in &xticks {
         let px = crisp(sx(x));
-        prims.push(Prim::Line {
-            x1: px,
-            y1: py0,
-            x2: px,
-            y2: py1,
-            color: GRID,
-            width: 1.0,
-        });
+        prims.push(Prim::Line { x1: px, y1: py0, x2: px, y2: py1, color: GRID, width: 1.0 });
     }
     for &y in &yticks {
         let py = crisp(sy(y));
-        prims.push(Prim::Line {
-            x1: px0,
-            y1: py,
-            x2: px1,
-            y2: py,
-            color: GRID,
-            width: 1.0,
-        });
+        prims.push(Prim::Line { x1: px0, y1: py, x2: px1, y2: py, color: GRID, width: 1.0 });
     }
 
     // Series.
@@ -482,37 +404,17 @@ fn build_scene(curves: &LossCurves) -> Scene {
         }
         if is_val_label(&s.label) || pix.len() == 1 {
             for &(cx, cy) in &pix {
-                prims.push(Prim::Circle {
-                    cx,
-                    cy,
-                    r: MARKER_R,
-                    fill: color,
-                    clip: true,
-                });
+                prims.push(Prim::Circle { cx, cy, r: MARKER_R, fill: color, clip: true });
             }
         }
     }
 
     // Frame, ticks and tick labels.
     let (fx0, fy0, fx1, fy1) = (crisp(px0), crisp(py0), crisp(px1), crisp(py1));
-    prims.push(Prim::Rect {
-        x: fx0,
-        y: fy0,
-        w: fx1 - fx0,
-        h: fy1 - fy0,
-        fill: None,
-        stroke: Some((AXIS, 1.0)),
-    });
+    prims.push(Prim::Rect { x: fx0, y: fy0, w: fx1 - fx0, h: fy1 - fy0, fill: None, stroke: Some((AXIS, 1.0)) });
     for &x in &xticks {
         let px = crisp(sx(x));
-        prims.push(Prim::Line {
-            x1: px,
-            y1: fy1,
-            x2: px,
-            y2: fy1 + 5.0,
-            color: AXIS,
-            width: 1.0,
-        });
+        prims.push(Prim::Line { x1: px, y1: fy1, x2: px, y2: fy1 + 5.0, color: AXIS, width: 1.0 });
         prims.push(Prim::Text {
             x: px,
             y: fy1 + 19.0,
@@ -525,14 +427,7 @@ fn build_scene(curves: &LossCurves) -> Scene {
     }
     for (&y, label) in yticks.iter().zip(ylabels) {
         let py = crisp(sy(y));
-        prims.push(Prim::Line {
-            x1: fx0 - 5.0,
-            y1: py,
-            x2: fx0,
-            y2: py,
-            color: AXIS,
-            width: 1.0,
-        });
+        prims.push(Prim::Line { x1: fx0 - 5.0, y1: py, x2: fx0, y2: py, color: AXIS, width: 1.0 });
         prims.push(Prim::Text {
             x: fx0 - 8.0,
             y: py + 4.0,
@@ -602,23 +497,12 @@ fn build_scene(curves: &LossCurves) -> Scene {
         let row = 18.0;
         let pad = 8.0;
         let sample = 26.0;
-        let text_w = curves
-            .series
-            .iter()
-            .map(|s| text_width(&s.label, LEGEND_FONT))
-            .fold(0.0, f32::max);
+        let text_w = curves.series.iter().map(|s| text_width(&s.label, LEGEND_FONT)).fold(0.0, f32::max);
         let bw = (pad + sample + 6.0 + text_w + pad).round();
         let bh = pad * 2.0 + row * curves.series.len() as f32 - 4.0;
         let bx = crisp(px1 - 10.0 - bw);
         let by = crisp(py0 + 10.0);
-        prims.push(Prim::Rect {
-            x: bx,
-            y: by,
-            w: bw,
-            h: bh,
-            fill: Some(WHITE),
-            stroke: Some((LEGEND_BORDER, 1.0)),
-        });
+        prims.push(Prim::Rect { x: bx, y: by, w: bw, h: bh, fill: Some(WHITE), stroke: Some((LEGEND_BORDER, 1.0)) });
         for (i, s) in curves.series.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             let cy = by + pad + 7.0 + row * i as f32;
@@ -629,13 +513,7 @@ fn build_scene(curves: &LossCurves) -> Scene {
                 width: if val { 1.4 } else { 1.8 },
             });
             if val {
-                prims.push(Prim::Circle {
-                    cx: bx + pad + sample / 2.0,
-                    cy,
-                    r: MARKER_R,
-                    fill: color,
-                    clip: false,
-                });
+                prims.push(Prim::Circle { cx: bx + pad + sample / 2.0, cy, r: MARKER_R, fill: color, clip: false });
             }
             prims.push(Prim::Text {
                 x: bx + pad + sample + 6.0,
@@ -666,8 +544,7 @@ static FONT_DATA: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 fn font() -> Option<&'static ttf_parser::Face<'static>> {
     static FACE: OnceLock<Option<ttf_parser::Face<'static>>> = OnceLock::new();
-    FACE.get_or_init(|| ttf_parser::Face::parse(FONT_DATA, 0).ok())
-        .as_ref()
+    FACE.get_or_init(|| ttf_parser::Face::parse(FONT_DATA, 0).ok()).as_ref()
 }
 
 fn glyph(face: &ttf_parser::Face<'_>, c: char) -> ttf_parser::GlyphId {
@@ -679,10 +556,7 @@ fn text_width(text: &str, size: f32) -> f32 {
     match font() {
         Some(face) => {
             let scale = size / face.units_per_em() as f32;
-            text.chars()
-                .map(|c| face.glyph_hor_advance(glyph(face, c)).unwrap_or(0) as f32)
-                .sum::<f32>()
-                * scale
+            text.chars().map(|c| face.glyph_hor_advance(glyph(face, c)).unwrap_or(0) as f32).sum::<f32>() * scale
         }
         None => text.chars().count() as f32 * size * 0.6,
     }
@@ -739,14 +613,7 @@ fn svg_from_scene(scene: &Scene) -> String {
     );
     for p in &scene.prims {
         match p {
-            Prim::Line {
-                x1,
-                y1,
-                x2,
-                y2,
-                color,
-                width,
-            } => {
+            Prim::Line { x1, y1, x2, y2, color, width } => {
                 let _ = writeln!(
                     s,
                     r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{}" stroke-width="{}"/>"#,
@@ -758,18 +625,10 @@ fn svg_from_scene(scene: &Scene) -> String {
                     num(*width)
                 );
             }
-            Prim::Rect {
-                x,
-                y,
-                w,
-                h,
-                fill,
-                stroke,
-            } => {
+            Prim::Rect { x, y, w, h, fill, stroke } => {
                 let fill = fill.map_or("none".to_string(), Rgb::hex);
-                let stroke = stroke.map_or(String::new(), |(c, sw)| {
-                    format!(r#" stroke="{}" stroke-width="{}""#, c.hex(), num(sw))
-                });
+                let stroke = stroke
+                    .map_or(String::new(), |(c, sw)| format!(r#" stroke="{}" stroke-width="{}""#, c.hex(), num(sw)));
                 let _ = writeln!(
                     s,
                     r#"<rect x="{}" y="{}" width="{}" height="{}" fill="{fill}"{stroke}/>"#,
@@ -794,18 +653,8 @@ fn svg_from_scene(scene: &Scene) -> String {
                     num(*width)
                 );
             }
-            Prim::Circle {
-                cx,
-                cy,
-                r,
-                fill,
-                clip,
-            } => {
-                let clip = if *clip {
-                    r#" clip-path="url(#plot-area)""#
-                } else {
-                    ""
-                };
+            Prim::Circle { cx, cy, r, fill, clip } => {
+                let clip = if *clip { r#" clip-path="url(#plot-area)""# } else { "" };
                 let _ = writeln!(
                     s,
                     r##"<circle cx="{}" cy="{}" r="{}" fill="{}" stroke="#ffffff" stroke-width="0.8"{clip}/>"##,
@@ -815,15 +664,7 @@ fn svg_from_scene(scene: &Scene) -> String {
                     fill.hex()
                 );
             }
-            Prim::Text {
-                x,
-                y,
-                text,
-                size,
-                color,
-                anchor,
-                rotate,
-            } => {
+            Prim::Text { x, y, text, size, color, anchor, rotate } => {
                 let anchor = match anchor {
                     Anchor::Start => "start",
                     Anchor::Middle => "middle",
@@ -861,10 +702,7 @@ fn paint(c: Rgb) -> tiny_skia::Paint<'static> {
 }
 
 fn stroke(width: f32, round: bool) -> tiny_skia::Stroke {
-    let mut s = tiny_skia::Stroke {
-        width,
-        ..Default::default()
-    };
+    let mut s = tiny_skia::Stroke { width, ..Default::default() };
     if round {
         s.line_join = tiny_skia::LineJoin::Round;
         s.line_cap = tiny_skia::LineCap::Round;
@@ -912,24 +750,13 @@ impl ttf_parser::OutlineBuilder for Outline<'_> {
 }
 
 /// The outline of `text` with its baseline starting at (x, y).
-fn text_path(
-    face: &ttf_parser::Face<'_>,
-    text: &str,
-    x: f32,
-    y: f32,
-    size: f32,
-) -> Option<tiny_skia::Path> {
+fn text_path(face: &ttf_parser::Face<'_>, text: &str, x: f32, y: f32, size: f32) -> Option<tiny_skia::Path> {
     let scale = size / face.units_per_em() as f32;
     let mut pb = tiny_skia::PathBuilder::new();
     let mut pen = x;
     for c in text.chars() {
         let g = glyph(face, c);
-        let mut outline = Outline {
-            pb: &mut pb,
-            x: pen,
-            y,
-            scale,
-        };
+        let mut outline = Outline { pb: &mut pb, x: pen, y, scale };
         face.outline_glyph(g, &mut outline);
         pen += face.glyph_hor_advance(g).unwrap_or(0) as f32 * scale;
     }
@@ -946,24 +773,12 @@ fn rasterize(scene: &Scene) -> Result<tiny_skia::Pixmap, EvalError> {
     let (cx, cy, cw, ch) = scene.clip;
     let mut mask = Mask::new(scene.width, scene.height).ok_or_else(|| err("bad image size"))?;
     let clip_rect = Rect::from_xywh(cx, cy, cw, ch).ok_or_else(|| err("bad plot area"))?;
-    mask.fill_path(
-        &PathBuilder::from_rect(clip_rect),
-        FillRule::Winding,
-        false,
-        Transform::identity(),
-    );
+    mask.fill_path(&PathBuilder::from_rect(clip_rect), FillRule::Winding, false, Transform::identity());
     let id = Transform::identity();
 
     for p in &scene.prims {
         match p {
-            Prim::Line {
-                x1,
-                y1,
-                x2,
-                y2,
-                color,
-                width,
-            } => {
+            Prim::Line { x1, y1, x2, y2, color, width } => {
                 let mut pb = PathBuilder::new();
                 pb.move_to(*x1, *y1);
                 pb.line_to(*x2, *y2);
@@ -971,14 +786,7 @@ fn rasterize(scene: &Scene) -> Result<tiny_skia::Pixmap, EvalError> {
                     pixmap.stroke_path(&path, &paint(*color), &stroke(*width, false), id, None);
                 }
             }
-            Prim::Rect {
-                x,
-                y,
-                w,
-                h,
-                fill,
-                stroke: st,
-            } => {
+            Prim::Rect { x, y, w, h, fill, stroke: st } => {
                 let Some(rect) = Rect::from_xywh(*x, *y, *w, *h) else {
                     continue;
                 };
@@ -1000,22 +808,10 @@ fn rasterize(scene: &Scene) -> Result<tiny_skia::Pixmap, EvalError> {
                     }
                 }
                 if let Some(path) = pb.finish() {
-                    pixmap.stroke_path(
-                        &path,
-                        &paint(*color),
-                        &stroke(*width, true),
-                        id,
-                        Some(&mask),
-                    );
+                    pixmap.stroke_path(&path, &paint(*color), &stroke(*width, true), id, Some(&mask));
                 }
             }
-            Prim::Circle {
-                cx,
-                cy,
-                r,
-                fill,
-                clip,
-            } => {
+            Prim::Circle { cx, cy, r, fill, clip } => {
                 let Some(path) = PathBuilder::from_circle(*cx, *cy, *r) else {
                     continue;
                 };
@@ -1023,15 +819,7 @@ fn rasterize(scene: &Scene) -> Result<tiny_skia::Pixmap, EvalError> {
                 pixmap.fill_path(&path, &paint(*fill), FillRule::Winding, id, m);
                 pixmap.stroke_path(&path, &paint(WHITE), &stroke(0.8, false), id, m);
             }
-            Prim::Text {
-                x,
-                y,
-                text,
-                size,
-                color,
-                anchor,
-                rotate,
-            } => {
+            Prim::Text { x, y, text, size, color, anchor, rotate } => {
                 let width = text_width(text, *size);
                 let start = match anchor {
                     Anchor::Start => *x,
@@ -1041,11 +829,7 @@ fn rasterize(scene: &Scene) -> Result<tiny_skia::Pixmap, EvalError> {
                 let Some(path) = text_path(face, text, start, *y, *size) else {
                     continue; // whitespace only
                 };
-                let transform = if *rotate {
-                    Transform::from_rotate_at(-90.0, *x, *y)
-                } else {
-                    id
-                };
+                let transform = if *rotate { Transform::from_rotate_at(-90.0, *x, *y) } else { id };
                 pixmap.fill_path(&path, &paint(*color), FillRule::Winding, transform, None);
             }
         }
@@ -1079,9 +863,7 @@ mod tests {
 
     #[test]
     fn decimation_keeps_extremes() {
-        let pts: Vec<(f32, f32)> = (0..10_000)
-            .map(|i| (i as f32 / 100.0, (i % 7) as f32))
-            .collect();
+        let pts: Vec<(f32, f32)> = (0..10_000).map(|i| (i as f32 / 100.0, (i % 7) as f32)).collect();
         let d = decimate(&pts, 1000);
         assert!(d.len() <= 400);
         assert!(d.iter().any(|p| p.1 == 6.0));

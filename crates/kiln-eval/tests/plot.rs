@@ -20,20 +20,13 @@ const METRICS: &str = r#"{"step":1,"loss":10.5,"lr":0.0001,"tokens_per_s":1000.0
 fn sample_curves() -> LossCurves {
     let train = Series {
         label: "run-a train".into(),
-        points: (0..500)
-            .map(|s| (s as f64, 2.0 + 9.0 * (-(s as f64) / 20.0).exp()))
-            .collect(),
+        points: (0..500).map(|s| (s as f64, 2.0 + 9.0 * (-(s as f64) / 20.0).exp())).collect(),
     };
     let val = Series {
         label: "run-a val".into(),
-        points: (1..=5)
-            .map(|k| (k as f64 * 100.0, 2.3 - 0.02 * k as f64))
-            .collect(),
+        points: (1..=5).map(|k| (k as f64 * 100.0, 2.3 - 0.02 * k as f64)).collect(),
     };
-    LossCurves {
-        title: "loss <&> test".into(),
-        series: vec![train, val],
-    }
+    LossCurves { title: "loss <&> test".into(), series: vec![train, val] }
 }
 
 #[test]
@@ -43,10 +36,7 @@ fn reads_train_and_val_series() {
     let series = read_metrics(&path, "gpt2").unwrap();
     assert_eq!(series.len(), 2);
     assert_eq!(series[0].label, "gpt2 train");
-    assert_eq!(
-        series[0].points,
-        vec![(1.0, 10.5), (2.0, 7.25), (3.0, 5.0), (4.0, 4.0), (6.0, 3.5)]
-    );
+    assert_eq!(series[0].points, vec![(1.0, 10.5), (2.0, 7.25), (3.0, 5.0), (4.0, 4.0), (6.0, 3.5)]);
     assert_eq!(series[1].label, "gpt2 val");
     assert_eq!(series[1].points, vec![(3.0, 5.5), (6.0, 4.25)]);
 }
@@ -67,10 +57,7 @@ fn bad_line_error_names_the_line() {
     let text = "{\"step\":1,\"loss\":2.0}\n{\"step\":2,\"loss\":1.9}\n{\"step\":3,\"loss\":\n";
     let path = write(dir.path(), "bad.jsonl", text);
     let err = read_metrics(&path, "r").unwrap_err();
-    assert!(
-        matches!(err, EvalError::MetricsLine { line: 3, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, EvalError::MetricsLine { line: 3, .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("line 3"), "{msg}");
     assert!(msg.contains("bad.jsonl"), "{msg}");
@@ -96,19 +83,12 @@ fn missing_file_is_an_error() {
 #[test]
 fn file_without_loss_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "noloss.jsonl",
-        "{\"step\":1,\"lr\":0.1}\n{\"event\":\"start\"}\n",
-    );
+    let path = write(dir.path(), "noloss.jsonl", "{\"step\":1,\"lr\":0.1}\n{\"event\":\"start\"}\n");
     let err = read_metrics(&path, "r").unwrap_err();
     assert!(matches!(err, EvalError::NoLoss { .. }), "{err:?}");
     assert!(err.to_string().contains("no loss values"), "{err}");
     let empty = write(dir.path(), "empty.jsonl", "");
-    assert!(matches!(
-        read_metrics(&empty, "r"),
-        Err(EvalError::NoLoss { .. })
-    ));
+    assert!(matches!(read_metrics(&empty, "r"), Err(EvalError::NoLoss { .. })));
 }
 
 /// Checks that every element opened is closed, in order (a small well-formedness check).
@@ -121,11 +101,7 @@ fn assert_balanced(svg: &str) {
         let tag = &rest[..end];
         rest = &rest[end + 1..];
         if let Some(name) = tag.strip_prefix('/') {
-            assert_eq!(
-                stack.pop().as_deref(),
-                Some(name.trim()),
-                "mismatched </{name}>"
-            );
+            assert_eq!(stack.pop().as_deref(), Some(name.trim()), "mismatched </{name}>");
         } else if !tag.ends_with('/') {
             let name = tag.split_whitespace().next().unwrap().to_string();
             stack.push(name);
@@ -150,23 +126,11 @@ fn svg_is_standalone_and_well_formed() {
 
     // Degenerate inputs still give a valid document.
     for curves in [
-        LossCurves {
-            title: String::new(),
-            series: vec![],
-        },
-        LossCurves {
-            title: "one".into(),
-            series: vec![Series {
-                label: "x".into(),
-                points: vec![(5.0, 1.0)],
-            }],
-        },
+        LossCurves { title: String::new(), series: vec![] },
+        LossCurves { title: "one".into(), series: vec![Series { label: "x".into(), points: vec![(5.0, 1.0)] }] },
         LossCurves {
             title: "nan".into(),
-            series: vec![Series {
-                label: "x".into(),
-                points: vec![(0.0, f64::NAN), (1.0, 2.0), (2.0, 2.0)],
-            }],
+            series: vec![Series { label: "x".into(), points: vec![(0.0, f64::NAN), (1.0, 2.0), (2.0, 2.0)] }],
         },
     ] {
         let svg = render_svg(&curves);

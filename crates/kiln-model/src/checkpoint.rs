@@ -55,11 +55,14 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 
 /// Every tensor of a safetensors file as f32 (bf16 and f16 are widened), with the header metadata.
 #[allow(clippy::type_complexity)]
-pub fn read_safetensors_f32(path: &Path) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>), ModelError> {
+pub fn read_safetensors_f32(
+    path: &Path,
+) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>), ModelError> {
     let file = std::fs::File::open(path).map_err(|e| ck_err(path, format!("cannot open: {e}")))?;
     // SAFETY: the file is only read; kiln never writes a checkpoint in place (atomic renames).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ck_err(path, format!("cannot map: {e}")))?;
-    let st = SafeTensors::deserialize(&mmap).map_err(|e| ck_err(path, format!("not a valid safetensors file ({e}); truncated or corrupt?")))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| ck_err(path, format!("not a valid safetensors file ({e}); truncated or corrupt?")))?;
     let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| ck_err(path, e.to_string()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
@@ -69,7 +72,9 @@ pub fn read_safetensors_f32(path: &Path) -> Result<(BTreeMap<String, (Vec<usize>
             Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::I32 => data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
-            Dtype::I64 => data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
+            Dtype::I64 => {
+                data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect()
+            }
             other => return Err(ck_err(path, format!("tensor {name} has unsupported dtype {other:?}"))),
         };
         out.insert(name, (view.shape().to_vec(), values));
@@ -78,7 +83,10 @@ pub fn read_safetensors_f32(path: &Path) -> Result<(BTreeMap<String, (Vec<usize>
 }
 
 /// Serialises named f32 tensors (with optional metadata) to safetensors bytes.
-pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)], meta: Option<HashMap<String, String>>) -> Result<Vec<u8>, ModelError> {
+pub fn safetensors_bytes(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    meta: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, ModelError> {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| f32_bytes(v)).collect();
     let views: Vec<(String, TensorView)> = tensors
         .iter()
@@ -176,11 +184,15 @@ pub fn load_hf_dir(dir: &Path) -> Result<Gpt, ModelError> {
     let infos = model.param_info().to_vec();
     for info in infos {
         let found = [HfTensorNames::to_hf(&info.name), info.name.clone()].into_iter().find_map(|n| tensors.get(&n));
-        let (shape, values) = found.ok_or_else(|| ck_err(&st_path, format!("missing tensor {}", HfTensorNames::to_hf(&info.name))))?;
+        let (shape, values) =
+            found.ok_or_else(|| ck_err(&st_path, format!("missing tensor {}", HfTensorNames::to_hf(&info.name))))?;
         let conv = HfTensorNames::is_conv1d(&info.name);
         let want: Vec<usize> = if conv { vec![info.shape[1], info.shape[0]] } else { info.shape.clone() };
         if *shape != want {
-            return Err(ck_err(&st_path, format!("tensor {} has shape {shape:?}, the config implies {want:?}", info.name)));
+            return Err(ck_err(
+                &st_path,
+                format!("tensor {} has shape {shape:?}, the config implies {want:?}", info.name),
+            ));
         }
         let values = if conv { transpose(values, info.shape[1], info.shape[0]) } else { values.clone() };
         model.set_param(&info.name, &values)?;

@@ -16,11 +16,8 @@ pub struct GptConfig {
 }
 
 /// (name, n_layer, n_embd, n_head, context, default vocabulary), as in DESIGN.md.
-pub const PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
-    ("gpt-tiny", 2, 64, 4, 64, 512),
-    ("gpt-s", 6, 384, 6, 256, 8192),
-    ("gpt2-124m", 12, 768, 12, 1024, 50257),
-];
+pub const PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
+    &[("gpt-tiny", 2, 64, 4, 64, 512), ("gpt-s", 6, 384, 6, 256, 8192), ("gpt2-124m", 12, 768, 12, 1024, 50257)];
 
 impl GptConfig {
     /// A preset's shape; `vocab_size` replaces the preset's default when given (from the tokenizer).
@@ -37,7 +34,7 @@ impl GptConfig {
         if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 || self.block_size == 0 || self.vocab_size == 0 {
             return bad(format!("every dimension must be positive: {self:?}"));
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head));
         }
         if self.n_embd / self.n_head > 256 {

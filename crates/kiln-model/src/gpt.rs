@@ -13,8 +13,18 @@ use crate::{GptConfig, ModelError};
 /// Tensors per transformer block, in storage order.
 const PER_LAYER: usize = 12;
 const LAYER_TENSORS: [&str; PER_LAYER] = [
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
-    "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
 ];
 const LN1_W: usize = 0;
 const QKV_W: usize = 2;
@@ -141,7 +151,15 @@ impl Gpt {
         let params = info
             .iter()
             .enumerate()
-            .map(|(i, p)| if i == WTE { vec![0.0; config.padded_vocab() * c] } else { vec![0.0; p.shape.iter().product()] })
+            .map(
+                |(i, p)| {
+                    if i == WTE {
+                        vec![0.0; config.padded_vocab() * c]
+                    } else {
+                        vec![0.0; p.shape.iter().product()]
+                    }
+                },
+            )
             .collect();
         Ok(Gpt { config, params, grads: Vec::new(), info, acts: None })
     }
@@ -176,8 +194,18 @@ impl Gpt {
         ];
         for l in 0..cfg.n_layer {
             let shapes: [Vec<usize>; PER_LAYER] = [
-                vec![c], vec![c], vec![3 * c, c], vec![3 * c], vec![c, c], vec![c],
-                vec![c], vec![c], vec![4 * c, c], vec![4 * c], vec![c, 4 * c], vec![c],
+                vec![c],
+                vec![c],
+                vec![3 * c, c],
+                vec![3 * c],
+                vec![c, c],
+                vec![c],
+                vec![c],
+                vec![c],
+                vec![4 * c, c],
+                vec![4 * c],
+                vec![c, 4 * c],
+                vec![c],
             ];
             for (name, shape) in LAYER_TENSORS.iter().zip(shapes) {
                 let decay = shape.len() >= 2;
@@ -214,7 +242,11 @@ impl Gpt {
         let i = self.param_index(name).ok_or_else(|| ModelError::Shape(format!("no parameter named {name}")))?;
         let n: usize = self.info[i].shape.iter().product();
         if values.len() != n {
-            return Err(ModelError::Shape(format!("{name}: expected {n} values {:?}, got {}", self.info[i].shape, values.len())));
+            return Err(ModelError::Shape(format!(
+                "{name}: expected {n} values {:?}, got {}",
+                self.info[i].shape,
+                values.len()
+            )));
         }
         self.params[i][..n].copy_from_slice(values);
         Ok(())
@@ -248,7 +280,14 @@ impl Gpt {
     }
 
     /// Runs the transformer blocks and the final LayerNorm over `tokens [b, t]`.
-    fn forward_blocks(&mut self, k: &dyn Kernels, tokens: &[u32], targets: Option<&[u32]>, b: usize, t: usize) -> Result<(), ModelError> {
+    fn forward_blocks(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<(), ModelError> {
         self.check_batch(tokens, targets, b, t)?;
         let cfg = &self.config;
         if self.acts.as_ref().is_none_or(|a| a.b != b || a.t != t) {
@@ -286,7 +325,14 @@ impl Gpt {
 
     /// Full forward over `tokens [b, t]`. With targets, returns the mean cross-entropy (and
     /// keeps what backward needs); logits are then available from [`Gpt::logits`].
-    pub fn forward(&mut self, k: &dyn Kernels, tokens: &[u32], targets: Option<&[u32]>, b: usize, t: usize) -> Result<Option<f32>, ModelError> {
+    pub fn forward(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, ModelError> {
         self.forward_blocks(k, tokens, targets, b, t)?;
         let (c, v, vp) = (self.config.n_embd, self.config.vocab_size, self.config.padded_vocab());
         let a = self.acts.as_mut().expect("forward_blocks allocates");
@@ -325,7 +371,8 @@ impl Gpt {
         let a = self.acts.as_mut().ok_or(ModelError::NoForward)?;
         let targets = a.targets.as_ref().ok_or(ModelError::NoForward)?;
         let (b, t) = (a.b, a.t);
-        let (n, c, nh, hs, v, vp) = (b * t, cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
+        let (n, c, nh, hs, v, vp) =
+            (b * t, cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
         if a.dres.is_empty() {
             a.dres = vec![0.0; n * c];
             a.dx = vec![0.0; n * c];
@@ -377,12 +424,31 @@ impl Gpt {
         let p: usize = self.params.iter().map(|x| x.len()).sum();
         let g: usize = self.grads.iter().map(|x| x.len()).sum();
         let a = self.acts.as_ref().map_or(0, |a| {
-            let per: usize = a.layers.iter().map(|l| {
-                l.ln1.len() + l.ln1_mean.len() * 2 + l.qkv.len() + l.atty.len() + l.lse.len() + l.res2.len()
-                    + l.ln2.len() + l.ln2_mean.len() * 2 + l.fch.len() + l.res3.len()
-            }).sum();
-            per + a.encoded.len() + a.lnf.len() + a.logits.len() + a.scratch_c.len() + a.scratch_4c.len()
-                + a.dres.len() + a.dx.len() + a.dqkv.len() + a.d4c.len()
+            let per: usize = a
+                .layers
+                .iter()
+                .map(|l| {
+                    l.ln1.len()
+                        + l.ln1_mean.len() * 2
+                        + l.qkv.len()
+                        + l.atty.len()
+                        + l.lse.len()
+                        + l.res2.len()
+                        + l.ln2.len()
+                        + l.ln2_mean.len() * 2
+                        + l.fch.len()
+                        + l.res3.len()
+                })
+                .sum();
+            per + a.encoded.len()
+                + a.lnf.len()
+                + a.logits.len()
+                + a.scratch_c.len()
+                + a.scratch_4c.len()
+                + a.dres.len()
+                + a.dx.len()
+                + a.dqkv.len()
+                + a.d4c.len()
         });
         4 * (p + g + a)
     }

@@ -56,27 +56,6 @@ pub fn sample_next(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u3
     *order.last().expect("at least one candidate") as u32
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn greedy_top_k_and_top_p() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let logits = [0.1, 3.0, 2.9, -1.0];
-        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
-        assert_eq!(sample_next(&logits, &greedy, &mut rng), 1);
-        let k1 = SamplingParams { top_k: 1, ..Default::default() };
-        assert!((0..50).all(|_| sample_next(&logits, &k1, &mut rng) == 1));
-        let k2 = SamplingParams { top_k: 2, ..Default::default() };
-        let picks: Vec<u32> = (0..200).map(|_| sample_next(&logits, &k2, &mut rng)).collect();
-        assert!(picks.iter().all(|&x| x == 1 || x == 2) && picks.contains(&1) && picks.contains(&2));
-        let p_small = SamplingParams { top_p: 0.3, ..Default::default() };
-        assert!((0..50).all(|_| sample_next(&logits, &p_small, &mut rng) == 1));
-    }
-}
-
 /// Autoregressive generation: appends up to `max_new` tokens to `prompt`, keeping the last
 /// `block_size` tokens as context; `on_token` sees each new token and may stop early by
 /// returning false. (The KV-cache engine replaces this full recompute in a later issue.)
@@ -104,4 +83,25 @@ pub fn generate(
         }
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn greedy_top_k_and_top_p() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let logits = [0.1, 3.0, 2.9, -1.0];
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        assert_eq!(sample_next(&logits, &greedy, &mut rng), 1);
+        let k1 = SamplingParams { top_k: 1, ..Default::default() };
+        assert!((0..50).all(|_| sample_next(&logits, &k1, &mut rng) == 1));
+        let k2 = SamplingParams { top_k: 2, ..Default::default() };
+        let picks: Vec<u32> = (0..200).map(|_| sample_next(&logits, &k2, &mut rng)).collect();
+        assert!(picks.iter().all(|&x| x == 1 || x == 2) && picks.contains(&1) && picks.contains(&2));
+        let p_small = SamplingParams { top_p: 0.3, ..Default::default() };
+        assert!((0..50).all(|_| sample_next(&logits, &p_small, &mut rng) == 1));
+    }
 }

@@ -53,7 +53,12 @@ fn check(name: &str, kernels: &dyn Kernels) {
             worst = (e, info.name.clone());
         }
     }
-    eprintln!("{name} [{}]: loss {loss} (PyTorch {want_loss}), logits err {e:.2e}, worst grad err {:.2e} ({})", kernels.name(), worst.0, worst.1);
+    eprintln!(
+        "{name} [{}]: loss {loss} (PyTorch {want_loss}), logits err {e:.2e}, worst grad err {:.2e} ({})",
+        kernels.name(),
+        worst.0,
+        worst.1
+    );
 }
 
 #[test]

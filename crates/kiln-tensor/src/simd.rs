@@ -122,7 +122,7 @@ macro_rules! exp_body {
         p = <$S>::fma(p, r, <$S>::splat(8.333_452e-3));
         p = <$S>::fma(p, r, <$S>::splat(4.166_579_6e-2));
         p = <$S>::fma(p, r, <$S>::splat(1.666_666_5e-1));
-        p = <$S>::fma(p, r, <$S>::splat(5.000_000_1e-1));
+        p = <$S>::fma(p, r, <$S>::splat(0.5));
         let r2 = <$S>::mul(r, r);
         let y = <$S>::add(<$S>::fma(p, r2, r), <$S>::splat(1.0));
         <$S>::mul(y, $pow2n(n))
@@ -344,15 +344,12 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn exp(x: __m256) -> __m256 {
-            exp_body!(
-                Avx2,
-                x,
-                |v| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
-                |n| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            exp_body!(Avx2, x, |v| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v), |n| {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
                     _mm256_cvtps_epi32(n),
-                    _mm256_set1_epi32(127)
+                    _mm256_set1_epi32(127),
                 )))
-            )
+            })
         }
     }
 }

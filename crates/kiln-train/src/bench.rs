@@ -100,6 +100,7 @@ pub fn bench_train(
         gflops,
         peak_gflops,
         peak_fraction: gflops / peak_gflops,
-        model_memory_mb: model.memory_bytes() as f64 / 1e6 + opt.m.iter().chain(&opt.v).map(|x| x.len() * 4).sum::<usize>() as f64 / 1e6,
+        model_memory_mb: model.memory_bytes() as f64 / 1e6
+            + opt.m.iter().chain(&opt.v).map(|x| x.len() * 4).sum::<usize>() as f64 / 1e6,
     })
 }

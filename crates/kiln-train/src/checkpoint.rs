@@ -42,7 +42,13 @@ pub fn resolve_checkpoint_dir(path: &Path) -> PathBuf {
     }
 }
 
-pub fn save_checkpoint(dir: &Path, model: &Gpt, opt: &AdamW, state: &TrainingState, tokenizer: &Tokenizer) -> Result<(), TrainError> {
+pub fn save_checkpoint(
+    dir: &Path,
+    model: &Gpt,
+    opt: &AdamW,
+    state: &TrainingState,
+    tokenizer: &Tokenizer,
+) -> Result<(), TrainError> {
     let io = |p: &Path, e: std::io::Error| TrainError::Io { path: p.display().to_string(), source: e };
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
     let parent = dir.parent().unwrap_or(Path::new("."));
@@ -110,14 +116,16 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, TrainError> {
             .get("state")
             .and_then(|s| serde_json::from_str(s).ok())
             .ok_or_else(|| ck_err(&state_path, "missing or invalid training state metadata"))?;
-        let adam_t = meta.get("adam_t").and_then(|s| s.parse().ok()).ok_or_else(|| ck_err(&state_path, "missing adam_t"))?;
+        let adam_t =
+            meta.get("adam_t").and_then(|s| s.parse().ok()).ok_or_else(|| ck_err(&state_path, "missing adam_t"))?;
         let mut opt = AdamW::new(&model);
         opt.t = adam_t;
         for (i, info) in model.param_info().iter().enumerate() {
             let n: usize = info.shape.iter().product();
             for (prefix, buf) in [("m", &mut opt.m[i]), ("v", &mut opt.v[i])] {
                 let key = format!("{prefix}.{}", info.name);
-                let (_, vals) = tensors.get(&key).ok_or_else(|| ck_err(&state_path, format!("missing tensor {key}")))?;
+                let (_, vals) =
+                    tensors.get(&key).ok_or_else(|| ck_err(&state_path, format!("missing tensor {key}")))?;
                 if vals.len() != n {
                     return Err(ck_err(&state_path, format!("tensor {key} has {} values, expected {n}", vals.len())));
                 }

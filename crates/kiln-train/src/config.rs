@@ -115,7 +115,13 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad("betas must lie in [0, 1)");
         }
-        if !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) || !(self.eps > 0.0) {
+        if self.weight_decay.is_nan()
+            || self.weight_decay < 0.0
+            || self.grad_clip.is_nan()
+            || self.grad_clip < 0.0
+            || self.eps.is_nan()
+            || self.eps <= 0.0
+        {
             return bad("--weight-decay and --grad-clip must be >= 0, eps > 0");
         }
         if self.eval_every == 0 {

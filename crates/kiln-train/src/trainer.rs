@@ -33,7 +33,13 @@ pub enum Event<'a> {
 }
 
 /// Mean loss over the given `(inputs, targets)` batches of shape `[b, t]`.
-pub fn evaluate(model: &mut Gpt, k: &dyn Kernels, batches: &[(Vec<u32>, Vec<u32>)], b: usize, t: usize) -> Result<f32, TrainError> {
+pub fn evaluate(
+    model: &mut Gpt,
+    k: &dyn Kernels,
+    batches: &[(Vec<u32>, Vec<u32>)],
+    b: usize,
+    t: usize,
+) -> Result<f32, TrainError> {
     let mut total = 0.0f64;
     for (x, y) in batches {
         total += model.forward(k, x, Some(y), b, t)?.unwrap_or(f32::NAN) as f64;
@@ -65,7 +71,12 @@ impl Trainer {
     }
 
     /// A fresh run: a new model sized to the tokenizer, seeded by `cfg.seed`.
-    pub fn new(cfg: TrainConfig, tokenizer: Tokenizer, data: Dataset, kernels: Box<dyn Kernels>) -> Result<Trainer, TrainError> {
+    pub fn new(
+        cfg: TrainConfig,
+        tokenizer: Tokenizer,
+        data: Dataset,
+        kernels: Box<dyn Kernels>,
+    ) -> Result<Trainer, TrainError> {
         cfg.validate()?;
         let mc = Self::model_config(&cfg, tokenizer.vocab_size())?;
         let model = Gpt::new(mc, cfg.seed)?;
@@ -77,12 +88,20 @@ impl Trainer {
     }
 
     /// Continues a run from a checkpoint with its saved optimizer state and data cursor.
-    pub fn resume(ck: Checkpoint, cfg: TrainConfig, data: Dataset, kernels: Box<dyn Kernels>) -> Result<Trainer, TrainError> {
+    pub fn resume(
+        ck: Checkpoint,
+        cfg: TrainConfig,
+        data: Dataset,
+        kernels: Box<dyn Kernels>,
+    ) -> Result<Trainer, TrainError> {
         cfg.validate()?;
         let (Some(opt), Some(state)) = (ck.optimizer, ck.state) else {
-            return Err(TrainError::Config("the checkpoint has no training_state.safetensors: it can be fine-tuned, not resumed".into()));
+            return Err(TrainError::Config(
+                "the checkpoint has no training_state.safetensors: it can be fine-tuned, not resumed".into(),
+            ));
         };
-        let tokenizer = ck.tokenizer.ok_or_else(|| TrainError::Config("the checkpoint has no tokenizer.json".into()))?;
+        let tokenizer =
+            ck.tokenizer.ok_or_else(|| TrainError::Config("the checkpoint has no tokenizer.json".into()))?;
         let sampler = BatchSampler::from_state(state.sampler, cfg.batch, cfg.seq);
         let t = Trainer { cfg, model: ck.model, opt, tokenizer, step: state.step, data, sampler, kernels };
         t.check_fit()?;
@@ -93,7 +112,10 @@ impl Trainer {
     fn check_fit(&self) -> Result<(), TrainError> {
         let mc = &self.model.config;
         if self.cfg.seq > mc.block_size {
-            return Err(TrainError::Config(format!("--seq {} is longer than the model's context of {}", self.cfg.seq, mc.block_size)));
+            return Err(TrainError::Config(format!(
+                "--seq {} is longer than the model's context of {}",
+                self.cfg.seq, mc.block_size
+            )));
         }
         if self.data.vocab_size > mc.vocab_size || self.tokenizer.vocab_size() > mc.vocab_size {
             return Err(TrainError::Config(format!(
@@ -138,7 +160,15 @@ impl Trainer {
         let prompt = if prompt.is_empty() { vec![0] } else { prompt };
         let params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 1.0 };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9));
-        let ids = generate(&mut self.model, self.kernels.as_ref(), &prompt, self.cfg.sample_tokens, &params, &mut rng, &mut |_| true)?;
+        let ids = generate(
+            &mut self.model,
+            self.kernels.as_ref(),
+            &prompt,
+            self.cfg.sample_tokens,
+            &params,
+            &mut rng,
+            &mut |_| true,
+        )?;
         Ok(vec![self.tokenizer.decode(&ids[prompt.len()..])?])
     }
 
@@ -162,8 +192,13 @@ impl Trainer {
             .append(true)
             .open(&metrics_path)
             .map_err(|e| TrainError::Io { path: metrics_path.display().to_string(), source: e })?;
-        let val = if self.data.val.len() > t { eval_batches(&self.data.val, b, t, cfg.eval_batches)? } else { Vec::new() };
-        on_event(Event::Started { start_step: self.step, total_steps: cfg.steps, params: self.model.config.num_params() });
+        let val =
+            if self.data.val.len() > t { eval_batches(&self.data.val, b, t, cfg.eval_batches)? } else { Vec::new() };
+        on_event(Event::Started {
+            start_step: self.step,
+            total_steps: cfg.steps,
+            params: self.model.config.num_params(),
+        });
 
         let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
         while self.step < stop {
@@ -195,17 +230,18 @@ impl Trainer {
             };
             let last = self.step == stop;
             let mut samples = Vec::new();
-            if !val.is_empty() && (self.step % cfg.eval_every == 0 || self.step == cfg.steps) {
+            if !val.is_empty() && (self.step.is_multiple_of(cfg.eval_every) || self.step == cfg.steps) {
                 m.val_loss = Some(evaluate(&mut self.model, self.kernels.as_ref(), &val, b, t)?);
                 samples = self.samples()?;
             }
             let line = serde_json::to_string(&m).expect("metrics serialise");
-            writeln!(metrics, "{line}").map_err(|e| TrainError::Io { path: metrics_path.display().to_string(), source: e })?;
+            writeln!(metrics, "{line}")
+                .map_err(|e| TrainError::Io { path: metrics_path.display().to_string(), source: e })?;
             on_event(Event::Step(&m));
             if let Some(v) = m.val_loss {
                 on_event(Event::Eval { step: self.step, val_loss: v, samples: &samples });
             }
-            if last || (cfg.checkpoint_every > 0 && self.step % cfg.checkpoint_every == 0) {
+            if last || (cfg.checkpoint_every > 0 && self.step.is_multiple_of(cfg.checkpoint_every)) {
                 self.save()?;
                 on_event(Event::Checkpoint { step: self.step, path: &self.checkpoint_dir() });
             }

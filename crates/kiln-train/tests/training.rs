@@ -95,7 +95,7 @@ fn gradient_accumulation_matches_one_big_batch() {
 fn tiny_run(dir: &std::path::Path) -> (TrainConfig, Tokenizer, std::path::PathBuf) {
     let corpus = dir.join("corpus.txt");
     synthetic::write_corpus(3, 60_000, &corpus).unwrap();
-    let tok = Tokenizer::train_bpe(&[corpus.clone()], 300).unwrap();
+    let tok = Tokenizer::train_bpe(std::slice::from_ref(&corpus), 300).unwrap();
     let data = dir.join("data");
     let opts = PrepareOptions { val_fraction: 0.1, ..Default::default() };
     kiln_data::prepare(&[corpus.display().to_string()], &tok, &data, &opts, &mut |_, _| {}).unwrap();

@@ -16,14 +16,26 @@ const TILE: usize = 64;
 const MAX_HS: usize = 256;
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_forward_reference(out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+pub(crate) fn attention_forward_reference(
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) {
     let c = nh * hs;
     let scale = 1.0 / (hs as f64).sqrt();
-    let at = |bi: usize, ti: usize, part: usize, h: usize, d: usize| qkv[(bi * t + ti) * 3 * c + part * c + h * hs + d] as f64;
+    let at = |bi: usize, ti: usize, part: usize, h: usize, d: usize| {
+        qkv[(bi * t + ti) * 3 * c + part * c + h * hs + d] as f64
+    };
     for bi in 0..b {
         for h in 0..nh {
             for i in 0..t {
-                let s: Vec<f64> = (0..=i).map(|j| (0..hs).map(|d| at(bi, i, 0, h, d) * at(bi, j, 1, h, d)).sum::<f64>() * scale).collect();
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| (0..hs).map(|d| at(bi, i, 0, h, d) * at(bi, j, 1, h, d)).sum::<f64>() * scale)
+                    .collect();
                 let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = s.iter().map(|x| (x - max).exp()).sum();
                 for d in 0..hs {
@@ -38,7 +50,17 @@ pub(crate) fn attention_forward_reference(out: &mut [f32], lse: &mut [f32], qkv:
 
 /// Plain softmax backward per row: dS = P ∘ (dP − Σ P∘dP), dQ = dS·K/√hs, dK = dSᵀ·Q/√hs, dV = Pᵀ·dO.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_backward_reference(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], _out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+pub(crate) fn attention_backward_reference(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    _out: &[f32],
+    lse: &[f32],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) {
     let c = nh * hs;
     let scale = 1.0 / (hs as f64).sqrt();
     let idx = |bi: usize, ti: usize, part: usize, h: usize, d: usize| (bi * t + ti) * 3 * c + part * c + h * hs + d;
@@ -50,9 +72,17 @@ pub(crate) fn attention_backward_reference(dqkv: &mut [f32], dout: &[f32], qkv: 
                 let l = lse[(bi * nh + h) * t + i] as f64;
                 let go = |d: usize| dout[(bi * t + i) * c + h * hs + d] as f64;
                 let p: Vec<f64> = (0..=i)
-                    .map(|j| ((0..hs).map(|d| qkv[idx(bi, i, 0, h, d)] as f64 * qkv[idx(bi, j, 1, h, d)] as f64).sum::<f64>() * scale - l).exp())
+                    .map(|j| {
+                        ((0..hs)
+                            .map(|d| qkv[idx(bi, i, 0, h, d)] as f64 * qkv[idx(bi, j, 1, h, d)] as f64)
+                            .sum::<f64>()
+                            * scale
+                            - l)
+                            .exp()
+                    })
                     .collect();
-                let dp: Vec<f64> = (0..=i).map(|j| (0..hs).map(|d| go(d) * qkv[idx(bi, j, 2, h, d)] as f64).sum()).collect();
+                let dp: Vec<f64> =
+                    (0..=i).map(|j| (0..hs).map(|d| go(d) * qkv[idx(bi, j, 2, h, d)] as f64).sum()).collect();
                 let dsum: f64 = (0..=i).map(|j| p[j] * dp[j]).sum();
                 for j in 0..=i {
                     let ds = p[j] * (dp[j] - dsum) * scale;
@@ -168,10 +198,19 @@ unsafe fn exp_shifted_sum<S: Simd>(s: &mut [f32], shift: f32) -> f32 {
 /// writes rows of `out` with stride `out_rs` and the per-query log-sum-exp.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attn_fwd_head<S: Simd>(out: SendPtr, out_rs: usize, lse: &mut [f32], qs: &[f32], kt: &[f32], v: &[f32], t: usize, hs: usize) {
+unsafe fn attn_fwd_head<S: Simd>(
+    out: SendPtr,
+    out_rs: usize,
+    lse: &mut [f32],
+    qs: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    t: usize,
+    hs: usize,
+) {
     let mut s = [0.0f32; TILE];
     let mut acc = [0.0f32; MAX_HS];
-    for i in 0..t {
+    for (i, lse_i) in lse.iter_mut().enumerate().take(t) {
         let q = qs.as_ptr().add(i * hs);
         let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
         acc[..hs].fill(0.0);
@@ -196,7 +235,7 @@ unsafe fn attn_fwd_head<S: Simd>(out: SendPtr, out_rs: usize, lse: &mut [f32], q
         let o = out.0.add(i * out_rs);
         std::ptr::copy_nonoverlapping(acc.as_ptr(), o, hs);
         scale_in_place::<S>(o, 1.0 / l, hs);
-        lse[i] = m + l.ln();
+        *lse_i = m + l.ln();
     }
 }
 crate::multiversion!(fn attn_fwd_head_v(out: SendPtr, out_rs: usize, lse: &mut [f32], qs: &[f32], kt: &[f32], v: &[f32], t: usize, hs: usize) => attn_fwd_head);
@@ -224,7 +263,11 @@ impl HeadScratch {
         }
         for i in 0..t {
             let row = &qkv[(bi * t + i) * 3 * c..(bi * t + i + 1) * 3 * c];
-            let (q, k, v) = (&row[h * hs..(h + 1) * hs], &row[c + h * hs..c + (h + 1) * hs], &row[2 * c + h * hs..2 * c + (h + 1) * hs]);
+            let (q, k, v) = (
+                &row[h * hs..(h + 1) * hs],
+                &row[c + h * hs..c + (h + 1) * hs],
+                &row[2 * c + h * hs..2 * c + (h + 1) * hs],
+            );
             for d in 0..hs {
                 self.qs[i * hs + d] = q[d] * scale;
                 self.kt[d * t + i] = k[d];
@@ -237,7 +280,16 @@ impl HeadScratch {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_forward(isa: Isa, out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+pub(crate) fn attention_forward(
+    isa: Isa,
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) {
     let c = nh * hs;
     assert!(hs <= MAX_HS && out.len() == b * t * c && qkv.len() == b * t * 3 * c && lse.len() == b * nh * t);
     let scale = 1.0 / (hs as f32).sqrt();
@@ -287,7 +339,18 @@ unsafe fn attn_bwd_head<S: Simd>(sc: &mut HeadScratch, dsum: &[f32], lse: &[f32]
 crate::multiversion!(fn attn_bwd_head_v(sc: &mut HeadScratch, dsum: &[f32], lse: &[f32], t: usize, hs: usize, scale: f32) => attn_bwd_head);
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_backward(isa: Isa, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+pub(crate) fn attention_backward(
+    isa: Isa,
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+) {
     let c = nh * hs;
     assert!(hs <= MAX_HS && dqkv.len() == qkv.len() && dout.len() == b * t * c && out.len() == b * t * c);
     let scale = 1.0 / (hs as f32).sqrt();
@@ -299,10 +362,10 @@ pub(crate) fn attention_backward(isa: Isa, dqkv: &mut [f32], dout: &[f32], qkv: 
             buf.resize(t * hs, 0.0);
         }
         let mut dsum = vec![0.0f32; t];
-        for i in 0..t {
+        for (i, d) in dsum.iter_mut().enumerate() {
             let r = (bi * t + i) * c + h * hs;
             sc.go[i * hs..(i + 1) * hs].copy_from_slice(&dout[r..r + hs]);
-            dsum[i] = dout[r..r + hs].iter().zip(&out[r..r + hs]).map(|(a, b)| a * b).sum();
+            *d = dout[r..r + hs].iter().zip(&out[r..r + hs]).map(|(a, b)| a * b).sum();
         }
         attn_bwd_head_v(isa, sc, &dsum, &lse[task * t..(task + 1) * t], t, hs, scale);
         for i in 0..t {

@@ -7,7 +7,14 @@ use rayon::prelude::*;
 
 use crate::simd::{Isa, Simd};
 
-pub(crate) fn crossentropy_reference(logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>) {
+pub(crate) fn crossentropy_reference(
+    logits: &mut [f32],
+    losses: &mut [f32],
+    targets: &[u32],
+    v: usize,
+    vp: usize,
+    dloss: Option<f32>,
+) {
     for (r, &tgt) in targets.iter().enumerate() {
         let z = &mut logits[r * vp..(r + 1) * vp];
         let max = z[..v].iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
@@ -73,16 +80,20 @@ unsafe fn ce_row<S: Simd>(z: &mut [f32], v: usize, tgt: usize, dloss: f32, backw
 }
 crate::multiversion!(fn ce_row_v(z: &mut [f32], v: usize, tgt: usize, dloss: f32, backward: bool) -> f32 => ce_row);
 
-pub(crate) fn crossentropy_forward_backward(isa: Isa, logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>) {
+pub(crate) fn crossentropy_forward_backward(
+    isa: Isa,
+    logits: &mut [f32],
+    losses: &mut [f32],
+    targets: &[u32],
+    v: usize,
+    vp: usize,
+    dloss: Option<f32>,
+) {
     assert!(v <= vp && logits.len() == targets.len() * vp && losses.len() >= targets.len());
     assert!(targets.iter().all(|&t| (t as usize) < v), "target outside the vocabulary");
-    logits
-        .par_chunks_mut(vp)
-        .zip(losses.par_iter_mut())
-        .zip(targets.par_iter())
-        .for_each(|((z, loss), &tgt)| {
-            *loss = ce_row_v(isa, z, v, tgt as usize, dloss.unwrap_or(0.0), dloss.is_some());
-        });
+    logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).zip(targets.par_iter()).for_each(|((z, loss), &tgt)| {
+        *loss = ce_row_v(isa, z, v, tgt as usize, dloss.unwrap_or(0.0), dloss.is_some());
+    });
 }
 
 #[cfg(test)]

@@ -13,7 +13,14 @@ pub(crate) fn encoder_forward_reference(out: &mut [f32], tokens: &[u32], wte: &[
     }
 }
 
-pub(crate) fn encoder_backward_reference(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize) {
+pub(crate) fn encoder_backward_reference(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dout: &[f32],
+    tokens: &[u32],
+    t: usize,
+    c: usize,
+) {
     for (i, &tok) in tokens.iter().enumerate() {
         let (tok, pos) = (tok as usize, i % t);
         for j in 0..c {
@@ -64,7 +71,15 @@ pub(crate) fn encoder_forward(isa: Isa, out: &mut [f32], tokens: &[u32], wte: &[
     });
 }
 
-pub(crate) fn encoder_backward(isa: Isa, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize) {
+pub(crate) fn encoder_backward(
+    isa: Isa,
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dout: &[f32],
+    tokens: &[u32],
+    t: usize,
+    c: usize,
+) {
     assert_eq!(dout.len(), tokens.len() * c);
     // Positions of each token id, in order (a CSR index), so every dwte row is owned by one task
     // and summed in sequence order: deterministic whatever the thread count.

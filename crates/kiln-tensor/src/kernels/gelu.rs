@@ -79,9 +79,7 @@ crate::multiversion!(fn gelu_bwd_v(dinp: &mut [f32], inp: &[f32], dout: &[f32]) 
 
 pub(crate) fn gelu_forward(isa: Isa, out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len());
-    out.par_chunks_mut(ELEM_CHUNK)
-        .zip(inp.par_chunks(ELEM_CHUNK))
-        .for_each(|(o, x)| gelu_fwd_v(isa, o, x));
+    out.par_chunks_mut(ELEM_CHUNK).zip(inp.par_chunks(ELEM_CHUNK)).for_each(|(o, x)| gelu_fwd_v(isa, o, x));
 }
 
 pub(crate) fn gelu_backward(isa: Isa, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {

@@ -8,7 +8,15 @@ use crate::simd::{Isa, Simd};
 const EPS: f32 = 1e-5;
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn layernorm_forward_reference(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+pub(crate) fn layernorm_forward_reference(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    c: usize,
+) {
     for r in 0..inp.len() / c {
         let x = &inp[r * c..(r + 1) * c];
         let m = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
@@ -24,7 +32,17 @@ pub(crate) fn layernorm_forward_reference(out: &mut [f32], mean: &mut [f32], rst
 
 /// dx = (g·w − mean(g·w) − x̂·mean(g·w·x̂)) · rstd, with x̂ the normalised input.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn layernorm_backward_reference(dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+pub(crate) fn layernorm_backward_reference(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
     for r in 0..inp.len() / c {
         let (m, s) = (mean[r] as f64, rstd[r] as f64);
         let (mut mean_gw, mut mean_gwx) = (0.0f64, 0.0f64);
@@ -47,7 +65,15 @@ pub(crate) fn layernorm_backward_reference(dinp: &mut [f32], dweight: &mut [f32]
 }
 
 #[inline(always)]
-unsafe fn ln_fwd_rows<S: Simd>(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+unsafe fn ln_fwd_rows<S: Simd>(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    c: usize,
+) {
     let (w, bs) = (weight.as_ptr(), bias.as_ptr());
     let lanes_end = c - c % S::LANES;
     for r in 0..mean.len() {
@@ -97,7 +123,17 @@ crate::multiversion!(fn ln_fwd_v(out: &mut [f32], mean: &mut [f32], rstd: &mut [
 /// Backward for a block of rows; `dw`/`db` are this block's own partial sums.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn ln_bwd_rows<S: Simd>(dinp: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+unsafe fn ln_bwd_rows<S: Simd>(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
     let w = weight.as_ptr();
     let lanes_end = c - c % S::LANES;
     for r in 0..mean.len() {
@@ -147,7 +183,16 @@ unsafe fn ln_bwd_rows<S: Simd>(dinp: &mut [f32], dw: &mut [f32], db: &mut [f32],
 crate::multiversion!(fn ln_bwd_v(dinp: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) => ln_bwd_rows);
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn layernorm_forward(isa: Isa, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+pub(crate) fn layernorm_forward(
+    isa: Isa,
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    c: usize,
+) {
     let rows = inp.len() / c;
     assert!(out.len() == inp.len() && mean.len() >= rows && rstd.len() >= rows && weight.len() == c && bias.len() == c);
     out.par_chunks_mut(ROW_CHUNK * c)
@@ -157,22 +202,30 @@ pub(crate) fn layernorm_forward(isa: Isa, out: &mut [f32], mean: &mut [f32], rst
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn layernorm_backward(isa: Isa, dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+pub(crate) fn layernorm_backward(
+    isa: Isa,
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
     let rows = inp.len() / c;
     assert!(dinp.len() == inp.len() && dout.len() == inp.len() && dweight.len() == c && dbias.len() == c);
     // Each fixed block of rows sums its own dweight/dbias; blocks are then added in order, so
     // the result does not depend on how many threads ran.
     let blocks = rows.div_ceil(ROW_CHUNK);
     let mut partial = vec![0.0f32; blocks * 2 * c];
-    dinp.par_chunks_mut(ROW_CHUNK * c)
-        .zip(partial.par_chunks_mut(2 * c))
-        .enumerate()
-        .for_each(|(bi, (dx, p))| {
-            let r0 = bi * ROW_CHUNK;
-            let r1 = (r0 + ROW_CHUNK).min(rows);
-            let (dw, db) = p.split_at_mut(c);
-            ln_bwd_v(isa, dx, dw, db, &dout[r0 * c..r1 * c], &inp[r0 * c..r1 * c], weight, &mean[r0..r1], &rstd[r0..r1], c);
-        });
+    dinp.par_chunks_mut(ROW_CHUNK * c).zip(partial.par_chunks_mut(2 * c)).enumerate().for_each(|(bi, (dx, p))| {
+        let r0 = bi * ROW_CHUNK;
+        let r1 = (r0 + ROW_CHUNK).min(rows);
+        let (dw, db) = p.split_at_mut(c);
+        ln_bwd_v(isa, dx, dw, db, &dout[r0 * c..r1 * c], &inp[r0 * c..r1 * c], weight, &mean[r0..r1], &rstd[r0..r1], c);
+    });
     for p in partial.chunks(2 * c) {
         super::encoder::accumulate_row(isa, dweight, &p[..c]);
         super::encoder::accumulate_row(isa, dbias, &p[c..]);

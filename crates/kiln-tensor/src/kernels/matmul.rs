@@ -8,7 +8,14 @@ use rayon::prelude::*;
 
 use crate::simd::Isa;
 
-pub(crate) fn matmul_forward_reference(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+pub(crate) fn matmul_forward_reference(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
     for r in 0..inp.len() / c_in {
         for o in 0..c_out {
             let mut acc = bias.map_or(0.0, |b| b[o] as f64);
@@ -21,7 +28,16 @@ pub(crate) fn matmul_forward_reference(out: &mut [f32], inp: &[f32], weight: &[f
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_backward_reference(dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+pub(crate) fn matmul_backward_reference(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    c_in: usize,
+    c_out: usize,
+) {
     let rows = inp.len() / c_in;
     for r in 0..rows {
         for i in 0..c_in {
@@ -57,7 +73,20 @@ fn parallelism() -> gemm::Parallelism {
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (pointer, row stride, column stride).
 #[allow(clippy::too_many_arguments)]
-fn gemm_strided(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize) {
+fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -70,17 +99,38 @@ fn gemm_strided(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, ac
     // SAFETY: the asserts above keep every strided access inside the slices; dst does not alias.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, dst_rs as isize, accumulate,
-            lhs.as_ptr(), lhs_cs as isize, lhs_rs as isize,
-            rhs.as_ptr(), rhs_cs as isize, rhs_rs as isize,
-            1.0, 1.0, false, false, false,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism(),
         );
     }
 }
 
-pub(crate) fn matmul_forward(_isa: Isa, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+pub(crate) fn matmul_forward(
+    _isa: Isa,
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
     let rows = inp.len() / c_in;
     assert!(out.len() == rows * c_out && weight.len() == c_out * c_in);
     if let Some(b) = bias {
@@ -92,7 +142,17 @@ pub(crate) fn matmul_forward(_isa: Isa, out: &mut [f32], inp: &[f32], weight: &[
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_backward(isa: Isa, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+pub(crate) fn matmul_backward(
+    isa: Isa,
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    c_in: usize,
+    c_out: usize,
+) {
     let rows = inp.len() / c_in;
     assert!(dinp.len() == rows * c_in && dout.len() == rows * c_out && dweight.len() == c_out * c_in);
     // dinp[rows, c_in] = dout[rows, c_out] · W[c_out, c_in]

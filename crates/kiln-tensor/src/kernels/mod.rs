@@ -51,24 +51,82 @@ pub trait Kernels: Send + Sync {
 
     /// Row-wise LayerNorm over `c` channels (eps 1e-5, biased variance, as PyTorch); saves mean and 1/std.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize);
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        c: usize,
+    );
     /// Accumulates into `dinp` (the residual stream), `dweight` and `dbias`.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize);
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        c: usize,
+    );
 
     /// `out[n, c_out] = inp[n, c_in] · weight[c_out, c_in]ᵀ + bias`.
-    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize);
+    fn matmul_forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        c_in: usize,
+        c_out: usize,
+    );
     /// Overwrites `dinp = dout · weight`; accumulates `dweight += doutᵀ · inp` and `dbias += Σ dout`.
     #[allow(clippy::too_many_arguments)]
-    fn matmul_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize);
+    fn matmul_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        c_in: usize,
+        c_out: usize,
+    );
 
     /// Causal multi-head attention on `qkv [b, t, 3c]` (q, k, v each `nh` heads of `hs`);
     /// writes `out [b, t, c]` and the softmax log-sum-exp `lse [b, nh, t]` for backward.
     #[allow(clippy::too_many_arguments)]
-    fn attention_forward(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize);
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        qkv: &[f32],
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    );
     /// Overwrites `dqkv` from `dout`, recomputing the probabilities from `lse`.
     #[allow(clippy::too_many_arguments)]
-    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize);
+    fn attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    );
 
     /// GELU, tanh approximation (GPT-2's).
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]);
@@ -81,7 +139,15 @@ pub trait Kernels: Send + Sync {
     /// Softmax cross-entropy over the first `v` of `vp` columns of each row of `logits`; the
     /// padded columns are masked out. Writes the per-row loss; when `dloss` is given, overwrites
     /// `logits` with `dloss · (softmax − onehot(target))` (zero in padded columns).
-    fn crossentropy_forward_backward(&self, logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>);
+    fn crossentropy_forward_backward(
+        &self,
+        logits: &mut [f32],
+        losses: &mut [f32],
+        targets: &[u32],
+        v: usize,
+        vp: usize,
+        dloss: Option<f32>,
+    );
 
     /// Σ x², accumulated in f64 in a fixed order (gradient-norm clipping).
     fn sum_of_squares(&self, x: &[f32]) -> f64;
@@ -113,7 +179,6 @@ impl CpuKernels {
     }
 }
 
-
 impl Kernels for ReferenceKernels {
     fn name(&self) -> String {
         "reference".into()
@@ -124,22 +189,80 @@ impl Kernels for ReferenceKernels {
     fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize) {
         encoder::encoder_backward_reference(dwte, dwpe, dout, tokens, t, c)
     }
-    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        c: usize,
+    ) {
         layernorm::layernorm_forward_reference(out, mean, rstd, inp, weight, bias, c)
     }
-    fn layernorm_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
         layernorm::layernorm_backward_reference(dinp, dweight, dbias, dout, inp, weight, mean, rstd, c)
     }
-    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+    fn matmul_forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        c_in: usize,
+        c_out: usize,
+    ) {
         matmul::matmul_forward_reference(out, inp, weight, bias, c_in, c_out)
     }
-    fn matmul_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+    fn matmul_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        c_in: usize,
+        c_out: usize,
+    ) {
         matmul::matmul_backward_reference(dinp, dweight, dbias, dout, inp, weight, c_in, c_out)
     }
-    fn attention_forward(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        qkv: &[f32],
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) {
         attention::attention_forward_reference(out, lse, qkv, b, t, nh, hs)
     }
-    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+    fn attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) {
         attention::attention_backward_reference(dqkv, dout, qkv, out, lse, b, t, nh, hs)
     }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
@@ -151,7 +274,15 @@ impl Kernels for ReferenceKernels {
     fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
         residual::residual_forward_reference(out, a, b)
     }
-    fn crossentropy_forward_backward(&self, logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>) {
+    fn crossentropy_forward_backward(
+        &self,
+        logits: &mut [f32],
+        losses: &mut [f32],
+        targets: &[u32],
+        v: usize,
+        vp: usize,
+        dloss: Option<f32>,
+    ) {
         crossentropy::crossentropy_reference(logits, losses, targets, v, vp, dloss)
     }
     fn sum_of_squares(&self, x: &[f32]) -> f64 {
@@ -172,22 +303,80 @@ impl Kernels for CpuKernels {
     fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], t: usize, c: usize) {
         encoder::encoder_backward(self.isa, dwte, dwpe, dout, tokens, t, c)
     }
-    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        c: usize,
+    ) {
         layernorm::layernorm_forward(self.isa, out, mean, rstd, inp, weight, bias, c)
     }
-    fn layernorm_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: &mut [f32], dout: &[f32], inp: &[f32], weight: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
         layernorm::layernorm_backward(self.isa, dinp, dweight, dbias, dout, inp, weight, mean, rstd, c)
     }
-    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+    fn matmul_forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        c_in: usize,
+        c_out: usize,
+    ) {
         matmul::matmul_forward(self.isa, out, inp, weight, bias, c_in, c_out)
     }
-    fn matmul_backward(&self, dinp: &mut [f32], dweight: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], weight: &[f32], c_in: usize, c_out: usize) {
+    fn matmul_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        c_in: usize,
+        c_out: usize,
+    ) {
         matmul::matmul_backward(self.isa, dinp, dweight, dbias, dout, inp, weight, c_in, c_out)
     }
-    fn attention_forward(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        qkv: &[f32],
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) {
         attention::attention_forward(self.isa, out, lse, qkv, b, t, nh, hs)
     }
-    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], out: &[f32], lse: &[f32], b: usize, t: usize, nh: usize, hs: usize) {
+    fn attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) {
         attention::attention_backward(self.isa, dqkv, dout, qkv, out, lse, b, t, nh, hs)
     }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
@@ -199,7 +388,15 @@ impl Kernels for CpuKernels {
     fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
         residual::residual_forward(self.isa, out, a, b)
     }
-    fn crossentropy_forward_backward(&self, logits: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize, dloss: Option<f32>) {
+    fn crossentropy_forward_backward(
+        &self,
+        logits: &mut [f32],
+        losses: &mut [f32],
+        targets: &[u32],
+        v: usize,
+        vp: usize,
+        dloss: Option<f32>,
+    ) {
         crossentropy::crossentropy_forward_backward(self.isa, logits, losses, targets, v, vp, dloss)
     }
     fn sum_of_squares(&self, x: &[f32]) -> f64 {

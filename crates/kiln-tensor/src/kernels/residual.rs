@@ -13,12 +13,12 @@ pub(crate) fn residual_forward_reference(out: &mut [f32], a: &[f32], b: &[f32]) 
 
 pub(crate) fn residual_forward(isa: Isa, out: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(a.len() == out.len() && b.len() == out.len());
-    out.par_chunks_mut(ELEM_CHUNK)
-        .zip(a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK)))
-        .for_each(|(o, (a, b))| {
+    out.par_chunks_mut(ELEM_CHUNK).zip(a.par_chunks(ELEM_CHUNK).zip(b.par_chunks(ELEM_CHUNK))).for_each(
+        |(o, (a, b))| {
             o.copy_from_slice(a);
             super::encoder::accumulate_row(isa, o, b);
-        });
+        },
+    );
 }
 
 #[cfg(test)]
