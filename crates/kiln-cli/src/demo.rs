@@ -39,6 +39,10 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
     println!("      {} train / {} val tokens", s.train_tokens, s.val_tokens);
     println!("4/4 training a 4-layer, 128-wide GPT for {} steps (watch the loss fall)", a.steps);
     let run = a.out.join("run");
+    if run.exists() {
+        // The demo owns this directory: start each demo from a clean run.
+        std::fs::remove_dir_all(&run)?;
+    }
     let args = TrainArgs {
         data: Some(data),
         tokenizer: Some(tok_path),

@@ -145,6 +145,12 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
     let data_dir =
         cfg.data.clone().ok_or_else(|| usage("--data DIR is required (make one with `kiln data prepare`)"))?;
     let data = Dataset::open(&data_dir)?;
+    if resume.is_none() && cfg.out.join("checkpoint").exists() {
+        return Err(usage(format!(
+            "{} already holds a checkpoint: continue it with --resume {0}, or choose another --out",
+            cfg.out.display()
+        )));
+    }
     let mut trainer = match resume {
         Some(ck) => Trainer::resume(ck, cfg.clone(), data, Box::new(CpuKernels::default()))?,
         None => {
@@ -157,11 +163,13 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
     let stop = stop_at.unwrap_or(cfg.steps).min(cfg.steps);
     let pb = ui::bar(stop, "step");
     let interactive = !pb.is_hidden();
+    // A hidden bar (stderr not a terminal) swallows println; write those lines to stderr instead.
+    let say = |msg: String| if interactive { pb.println(msg) } else { eprintln!("{msg}") };
     trainer.run_until(stop, &mut |e| match e {
         Event::Started { start_step, total_steps, params } => {
             pb.set_position(start_step);
             pb.reset_eta();
-            pb.println(format!(
+            say(format!(
                 "training {:.2}M parameters, steps {start_step}..{total_steps}, {} threads, kernels {}",
                 params as f64 / 1e6,
                 rayon::current_num_threads(),
@@ -176,12 +184,12 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
             }
         }
         Event::Eval { step, val_loss, samples } => {
-            pb.println(format!("step {step}: val loss {val_loss:.4}"));
+            say(format!("step {step}: val loss {val_loss:.4}"));
             for s in samples {
-                pb.println(format!("  sample: {}", s.replace('\n', " ⏎ ").chars().take(160).collect::<String>()));
+                say(format!("  sample: {}", s.replace('\n', " ⏎ ").chars().take(160).collect::<String>()));
             }
         }
-        Event::Checkpoint { step, path } => pb.println(format!("step {step}: checkpoint {}", path.display())),
+        Event::Checkpoint { step, path } => say(format!("step {step}: checkpoint {}", path.display())),
     })?;
     pb.finish_and_clear();
     let metrics = cfg.metrics_path();

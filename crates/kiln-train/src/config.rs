@@ -130,3 +130,19 @@ impl TrainConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_config_sets_fields_and_rejects_unknown_keys() {
+        let c = TrainConfig::from_toml("preset = \"gpt-tiny\"\nsteps = 42\nlr = 0.002\nout = \"runs/x\"\n").unwrap();
+        assert_eq!((c.preset.as_str(), c.steps, c.lr), ("gpt-tiny", 42, 0.002));
+        assert_eq!(c.batch, TrainConfig::default().batch);
+        assert!(TrainConfig::from_toml("stpes = 3").is_err());
+        assert!(TrainConfig::from_toml("steps = -3").is_err());
+        let bad = TrainConfig { lr: -1e-3, ..Default::default() };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -7,13 +7,12 @@
 
 use rayon::prelude::*;
 
+use super::matmul::gemm_serial;
 use super::SendPtr;
 use crate::simd::{Isa, Simd};
 
-/// Keys per tile: the scores of one query against one tile live on the stack.
+/// Queries and keys per block: one block of scores is TILE × TILE floats (16 KB, in L1).
 const TILE: usize = 64;
-/// Largest head size the stack buffers take (GPT-2 and Llama use 64 or 128).
-const MAX_HS: usize = 256;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_forward_reference(
@@ -100,62 +99,6 @@ pub(crate) fn attention_backward_reference(
     }
 }
 
-/// `s[j] = Σ_d q[d] · kt[d·ld + j]` for j < s.len(): one query against a tile of transposed
-/// keys, vectorised across keys so no horizontal sums are needed.
-#[inline(always)]
-unsafe fn tile_scores<S: Simd>(s: &mut [f32], q: *const f32, kt: *const f32, ld: usize, hs: usize) {
-    let n = s.len();
-    let sp = s.as_mut_ptr();
-    let mut j = 0;
-    while j + 4 * S::LANES <= n {
-        let (mut a0, mut a1, mut a2, mut a3) = (S::zero(), S::zero(), S::zero(), S::zero());
-        for d in 0..hs {
-            let qd = S::splat(*q.add(d));
-            let row = kt.add(d * ld + j);
-            a0 = S::fma(qd, S::load(row), a0);
-            a1 = S::fma(qd, S::load(row.add(S::LANES)), a1);
-            a2 = S::fma(qd, S::load(row.add(2 * S::LANES)), a2);
-            a3 = S::fma(qd, S::load(row.add(3 * S::LANES)), a3);
-        }
-        S::store(sp.add(j), a0);
-        S::store(sp.add(j + S::LANES), a1);
-        S::store(sp.add(j + 2 * S::LANES), a2);
-        S::store(sp.add(j + 3 * S::LANES), a3);
-        j += 4 * S::LANES;
-    }
-    while j + S::LANES <= n {
-        let mut a = S::zero();
-        for d in 0..hs {
-            a = S::fma(S::splat(*q.add(d)), S::load(kt.add(d * ld + j)), a);
-        }
-        S::store(sp.add(j), a);
-        j += S::LANES;
-    }
-    while j < n {
-        let mut a = 0.0;
-        for d in 0..hs {
-            a += *q.add(d) * *kt.add(d * ld + j);
-        }
-        *sp.add(j) = a;
-        j += 1;
-    }
-}
-
-/// `y[..n] += a · x[..n]`.
-#[inline(always)]
-unsafe fn axpy<S: Simd>(y: *mut f32, a: f32, x: *const f32, n: usize) {
-    let av = S::splat(a);
-    let mut d = 0;
-    while d + S::LANES <= n {
-        S::store(y.add(d), S::fma(av, S::load(x.add(d)), S::load(y.add(d))));
-        d += S::LANES;
-    }
-    while d < n {
-        *y.add(d) += a * *x.add(d);
-        d += 1;
-    }
-}
-
 /// `y[..n] *= a`.
 #[inline(always)]
 unsafe fn scale_in_place<S: Simd>(y: *mut f32, a: f32, n: usize) {
@@ -194,87 +137,108 @@ unsafe fn exp_shifted_sum<S: Simd>(s: &mut [f32], shift: f32) -> f32 {
     sum
 }
 
-/// One (batch, head): `qs` is q pre-scaled by 1/√hs `[t, hs]`, `kt` is kᵀ `[hs, t]`, `v` `[t, hs]`;
-/// writes rows of `out` with stride `out_rs` and the per-query log-sum-exp.
+/// `ds[j] = p[j] · (ds[j] − d)`: the softmax backward of one row, in place over dP.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attn_fwd_head<S: Simd>(
-    out: SendPtr,
-    out_rs: usize,
-    lse: &mut [f32],
-    qs: &[f32],
-    kt: &[f32],
-    v: &[f32],
-    t: usize,
-    hs: usize,
-) {
-    let mut s = [0.0f32; TILE];
-    let mut acc = [0.0f32; MAX_HS];
-    for (i, lse_i) in lse.iter_mut().enumerate().take(t) {
-        let q = qs.as_ptr().add(i * hs);
-        let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-        acc[..hs].fill(0.0);
-        let mut j0 = 0;
-        while j0 <= i {
-            let n = TILE.min(i + 1 - j0);
-            tile_scores::<S>(&mut s[..n], q, kt.as_ptr().add(j0), t, hs);
-            let tile_max = s[..n].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let m_new = m.max(tile_max);
-            let corr = (m - m_new).exp();
-            let psum = exp_shifted_sum::<S>(&mut s[..n], m_new);
-            l = l * corr + psum;
-            if corr != 1.0 {
-                scale_in_place::<S>(acc.as_mut_ptr(), corr, hs);
-            }
-            for (j, &p) in s[..n].iter().enumerate() {
-                axpy::<S>(acc.as_mut_ptr(), p, v.as_ptr().add((j0 + j) * hs), hs);
-            }
-            m = m_new;
-            j0 += TILE;
-        }
-        let o = out.0.add(i * out_rs);
-        std::ptr::copy_nonoverlapping(acc.as_ptr(), o, hs);
-        scale_in_place::<S>(o, 1.0 / l, hs);
-        *lse_i = m + l.ln();
+unsafe fn softmax_grad_row<S: Simd>(ds: &mut [f32], p: &[f32], d: f32) {
+    let (n, o, pp) = (ds.len(), ds.as_mut_ptr(), p.as_ptr());
+    let dv = S::splat(d);
+    let mut j = 0;
+    while j + S::LANES <= n {
+        S::store(o.add(j), S::mul(S::load(pp.add(j)), S::sub(S::load(o.add(j)), dv)));
+        j += S::LANES;
+    }
+    while j < n {
+        *o.add(j) = *pp.add(j) * (*o.add(j) - d);
+        j += 1;
     }
 }
-crate::multiversion!(fn attn_fwd_head_v(out: SendPtr, out_rs: usize, lse: &mut [f32], qs: &[f32], kt: &[f32], v: &[f32], t: usize, hs: usize) => attn_fwd_head);
+
+crate::multiversion!(fn scale_v(y: &mut [f32], a: f32) => scale_slice);
+crate::multiversion!(fn exp_shifted_sum_v(s: &mut [f32], shift: f32) -> f32 => exp_shifted_sum);
+crate::multiversion!(fn softmax_grad_row_v(ds: &mut [f32], p: &[f32], d: f32) => softmax_grad_row);
+
+#[inline(always)]
+unsafe fn scale_slice<S: Simd>(y: &mut [f32], a: f32) {
+    scale_in_place::<S>(y.as_mut_ptr(), a, y.len())
+}
+
+/// Keys of block `j0..j0+bk` that query `i` may see (causal), as a count from the block start.
+fn visible(i: usize, j0: usize, bk: usize) -> usize {
+    (i + 1).saturating_sub(j0).min(bk)
+}
 
 /// Per-task copies of one head's operands, reused across tasks on a thread.
 #[derive(Default)]
 struct HeadScratch {
+    /// q / √hs, `[t, hs]`.
     qs: Vec<f32>,
     k: Vec<f32>,
-    kt: Vec<f32>,
     v: Vec<f32>,
-    vt: Vec<f32>,
-    go: Vec<f32>,
+    /// Output (forward) or dO (backward), `[t, hs]`.
+    o: Vec<f32>,
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// One block of scores or probabilities, `[TILE, TILE]`, and one of their gradients.
+    s: Vec<f32>,
+    ds: Vec<f32>,
 }
 
 impl HeadScratch {
-    /// Copies q·scale, k, kᵀ, v and vᵀ of head `h` of sequence `bi` out of `qkv`.
+    /// Copies q·scale, k and v of head `h` of sequence `bi` out of `qkv`.
     fn gather(&mut self, qkv: &[f32], bi: usize, h: usize, t: usize, nh: usize, hs: usize, scale: f32) {
         let c = nh * hs;
-        for buf in [&mut self.qs, &mut self.k, &mut self.kt, &mut self.v, &mut self.vt] {
+        for buf in [&mut self.qs, &mut self.k, &mut self.v, &mut self.o] {
             buf.resize(t * hs, 0.0);
         }
+        self.s.resize(TILE * TILE, 0.0);
+        self.ds.resize(TILE * TILE, 0.0);
         for i in 0..t {
             let row = &qkv[(bi * t + i) * 3 * c..(bi * t + i + 1) * 3 * c];
-            let (q, k, v) = (
-                &row[h * hs..(h + 1) * hs],
-                &row[c + h * hs..c + (h + 1) * hs],
-                &row[2 * c + h * hs..2 * c + (h + 1) * hs],
-            );
             for d in 0..hs {
-                self.qs[i * hs + d] = q[d] * scale;
-                self.kt[d * t + i] = k[d];
-                self.vt[d * t + i] = v[d];
+                self.qs[i * hs + d] = row[h * hs + d] * scale;
             }
-            self.k[i * hs..(i + 1) * hs].copy_from_slice(k);
-            self.v[i * hs..(i + 1) * hs].copy_from_slice(v);
+            self.k[i * hs..(i + 1) * hs].copy_from_slice(&row[c + h * hs..c + (h + 1) * hs]);
+            self.v[i * hs..(i + 1) * hs].copy_from_slice(&row[2 * c + h * hs..2 * c + (h + 1) * hs]);
+        }
+    }
+}
+
+/// FlashAttention-2 forward for one head: query blocks against key blocks, the two products as
+/// small GEMMs, an online softmax in between. Leaves O in `sc.o` and the log-sum-exp in `lse`.
+fn attn_fwd_head(isa: Isa, sc: &mut HeadScratch, lse: &mut [f32], t: usize, hs: usize) {
+    let (mut m, mut l) = ([0.0f32; TILE], [0.0f32; TILE]);
+    sc.o.fill(0.0);
+    for i0 in (0..t).step_by(TILE) {
+        let bq = TILE.min(t - i0);
+        m[..bq].fill(f32::NEG_INFINITY);
+        l[..bq].fill(0.0);
+        for j0 in (0..i0 + bq).step_by(TILE) {
+            let bk = TILE.min(t - j0);
+            // S = Qs[i0..] · K[j0..]ᵀ
+            gemm_serial(bq, bk, hs, &mut sc.s, bk, false, &sc.qs[i0 * hs..], hs, 1, &sc.k[j0 * hs..], 1, hs);
+            for r in 0..bq {
+                let row = &mut sc.s[r * bk..(r + 1) * bk];
+                let n = visible(i0 + r, j0, bk);
+                if n == 0 {
+                    row.fill(0.0);
+                    continue;
+                }
+                let m_new = row[..n].iter().fold(m[r], |a, &b| a.max(b));
+                let corr = (m[r] - m_new).exp();
+                l[r] = l[r] * corr + exp_shifted_sum_v(isa, &mut row[..n], m_new);
+                row[n..].fill(0.0);
+                if corr != 1.0 {
+                    scale_v(isa, &mut sc.o[(i0 + r) * hs..(i0 + r + 1) * hs], corr);
+                }
+                m[r] = m_new;
+            }
+            // O[i0..] += P · V[j0..]
+            gemm_serial(bq, hs, bk, &mut sc.o[i0 * hs..], hs, true, &sc.s, bk, 1, &sc.v[j0 * hs..], hs, 1);
+        }
+        for r in 0..bq {
+            scale_v(isa, &mut sc.o[(i0 + r) * hs..(i0 + r + 1) * hs], 1.0 / l[r]);
+            lse[i0 + r] = m[r] + l[r].ln();
         }
     }
 }
@@ -291,52 +255,56 @@ pub(crate) fn attention_forward(
     hs: usize,
 ) {
     let c = nh * hs;
-    assert!(hs <= MAX_HS && out.len() == b * t * c && qkv.len() == b * t * 3 * c && lse.len() == b * nh * t);
+    assert!(out.len() == b * t * c && qkv.len() == b * t * 3 * c && lse.len() == b * nh * t);
     let scale = 1.0 / (hs as f32).sqrt();
     let out_ptr = SendPtr(out.as_mut_ptr());
     lse.par_chunks_mut(t).enumerate().for_each_init(HeadScratch::default, |sc, (task, lse_row)| {
         let (bi, h) = (task / nh, task % nh);
         sc.gather(qkv, bi, h, t, nh, hs, scale);
-        // SAFETY: task (bi, h) writes only rows bi·t.. and columns h·hs.. of `out`: disjoint.
-        let o = unsafe { out_ptr.add(bi * t * c + h * hs) };
-        attn_fwd_head_v(isa, o, c, lse_row, &sc.qs, &sc.kt, &sc.v, t, hs);
+        attn_fwd_head(isa, sc, lse_row, t, hs);
+        for i in 0..t {
+            // SAFETY: task (bi, h) writes only rows bi·t.. and columns h·hs.. of `out`: disjoint.
+            unsafe {
+                let dst = out_ptr.add((bi * t + i) * c + h * hs).0;
+                std::ptr::copy_nonoverlapping(sc.o.as_ptr().add(i * hs), dst, hs);
+            }
+        }
     });
 }
 
-/// One (batch, head) of backward; `go` is dO `[t, hs]`, `dsum[i] = dO_i·O_i`; writes dq, dk, dv.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attn_bwd_head<S: Simd>(sc: &mut HeadScratch, dsum: &[f32], lse: &[f32], t: usize, hs: usize, scale: f32) {
-    let mut p = [0.0f32; TILE];
-    let mut dp = [0.0f32; TILE];
-    let mut dq = [0.0f32; MAX_HS];
-    sc.dk.iter_mut().for_each(|x| *x = 0.0);
-    sc.dv.iter_mut().for_each(|x| *x = 0.0);
-    let (dkp, dvp) = (sc.dk.as_mut_ptr(), sc.dv.as_mut_ptr());
-    for i in 0..t {
-        let q = sc.qs.as_ptr().add(i * hs);
-        let go = sc.go.as_ptr().add(i * hs);
-        dq[..hs].fill(0.0);
-        let mut j0 = 0;
-        while j0 <= i {
-            let n = TILE.min(i + 1 - j0);
-            tile_scores::<S>(&mut p[..n], q, sc.kt.as_ptr().add(j0), t, hs);
-            exp_shifted_sum::<S>(&mut p[..n], lse[i]);
-            tile_scores::<S>(&mut dp[..n], go, sc.vt.as_ptr().add(j0), t, hs);
-            for j in 0..n {
-                let ds = p[j] * (dp[j] - dsum[i]);
-                axpy::<S>(dq.as_mut_ptr(), ds, sc.k.as_ptr().add((j0 + j) * hs), hs);
-                axpy::<S>(dkp.add((j0 + j) * hs), ds, q, hs);
-                axpy::<S>(dvp.add((j0 + j) * hs), p[j], go, hs);
-            }
-            j0 += TILE;
-        }
-        let dqi = sc.dq.as_mut_ptr().add(i * hs);
-        std::ptr::copy_nonoverlapping(dq.as_ptr(), dqi, hs);
-        scale_in_place::<S>(dqi, scale, hs);
+/// FlashAttention-2 backward for one head (`sc.o` holds dO): for each key block, every query
+/// block that sees it recomputes P from the log-sum-exp, then dV += Pᵀ·dO, dP = dO·Vᵀ,
+/// dS = P ∘ (dP − rowsum(dO ∘ O)), dQ += dS·K, dK += dSᵀ·Qs; five small GEMMs.
+fn attn_bwd_head(isa: Isa, sc: &mut HeadScratch, dsum: &[f32], lse: &[f32], t: usize, hs: usize, scale: f32) {
+    for buf in [&mut sc.dq, &mut sc.dk, &mut sc.dv] {
+        buf.clear();
+        buf.resize(t * hs, 0.0);
     }
+    for j0 in (0..t).step_by(TILE) {
+        let bk = TILE.min(t - j0);
+        for i0 in (j0..t).step_by(TILE) {
+            let bq = TILE.min(t - i0);
+            gemm_serial(bq, bk, hs, &mut sc.s, bk, false, &sc.qs[i0 * hs..], hs, 1, &sc.k[j0 * hs..], 1, hs);
+            for r in 0..bq {
+                let row = &mut sc.s[r * bk..(r + 1) * bk];
+                let n = visible(i0 + r, j0, bk);
+                exp_shifted_sum_v(isa, &mut row[..n], lse[i0 + r]);
+                row[n..].fill(0.0);
+            }
+            // dV[j0..] += Pᵀ · dO[i0..]
+            gemm_serial(bk, hs, bq, &mut sc.dv[j0 * hs..], hs, true, &sc.s, 1, bk, &sc.o[i0 * hs..], hs, 1);
+            // dP = dO[i0..] · V[j0..]ᵀ
+            gemm_serial(bq, bk, hs, &mut sc.ds, bk, false, &sc.o[i0 * hs..], hs, 1, &sc.v[j0 * hs..], 1, hs);
+            for r in 0..bq {
+                softmax_grad_row_v(isa, &mut sc.ds[r * bk..(r + 1) * bk], &sc.s[r * bk..(r + 1) * bk], dsum[i0 + r]);
+            }
+            // dQ[i0..] += dS · K[j0..];  dK[j0..] += dSᵀ · Qs[i0..]
+            gemm_serial(bq, hs, bk, &mut sc.dq[i0 * hs..], hs, true, &sc.ds, bk, 1, &sc.k[j0 * hs..], hs, 1);
+            gemm_serial(bk, hs, bq, &mut sc.dk[j0 * hs..], hs, true, &sc.ds, 1, bk, &sc.qs[i0 * hs..], hs, 1);
+        }
+    }
+    scale_v(isa, &mut sc.dq, scale);
 }
-crate::multiversion!(fn attn_bwd_head_v(sc: &mut HeadScratch, dsum: &[f32], lse: &[f32], t: usize, hs: usize, scale: f32) => attn_bwd_head);
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
@@ -352,22 +320,19 @@ pub(crate) fn attention_backward(
     hs: usize,
 ) {
     let c = nh * hs;
-    assert!(hs <= MAX_HS && dqkv.len() == qkv.len() && dout.len() == b * t * c && out.len() == b * t * c);
+    assert!(dqkv.len() == qkv.len() && dout.len() == b * t * c && out.len() == b * t * c && lse.len() == b * nh * t);
     let scale = 1.0 / (hs as f32).sqrt();
     let dptr = SendPtr(dqkv.as_mut_ptr());
     (0..b * nh).into_par_iter().for_each_init(HeadScratch::default, |sc, task| {
         let (bi, h) = (task / nh, task % nh);
         sc.gather(qkv, bi, h, t, nh, hs, scale);
-        for buf in [&mut sc.go, &mut sc.dq, &mut sc.dk, &mut sc.dv] {
-            buf.resize(t * hs, 0.0);
-        }
         let mut dsum = vec![0.0f32; t];
         for (i, d) in dsum.iter_mut().enumerate() {
             let r = (bi * t + i) * c + h * hs;
-            sc.go[i * hs..(i + 1) * hs].copy_from_slice(&dout[r..r + hs]);
+            sc.o[i * hs..(i + 1) * hs].copy_from_slice(&dout[r..r + hs]);
             *d = dout[r..r + hs].iter().zip(&out[r..r + hs]).map(|(a, b)| a * b).sum();
         }
-        attn_bwd_head_v(isa, sc, &dsum, &lse[task * t..(task + 1) * t], t, hs, scale);
+        attn_bwd_head(isa, sc, &dsum, &lse[task * t..(task + 1) * t], t, hs, scale);
         for i in 0..t {
             let r = (bi * t + i) * 3 * c + h * hs;
             // SAFETY: task (bi, h) writes only its own head's columns of its own rows.

@@ -71,7 +71,8 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (pointer, row stride, column stride).
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (slice, row stride, column
+/// stride), on all rayon threads.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided(
     m: usize,
@@ -86,6 +87,44 @@ fn gemm_strided(
     rhs: &[f32],
     rhs_rs: usize,
     rhs_cs: usize,
+) {
+    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, parallelism())
+}
+
+/// As `gemm_strided`, on the calling thread only: for small blocks inside an already parallel kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, gemm::Parallelism::None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    par: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -117,7 +156,7 @@ fn gemm_strided(
             false,
             false,
             false,
-            parallelism(),
+            par,
         );
     }
 }
