@@ -90,6 +90,26 @@ fn gradient_accumulation_matches_one_big_batch() {
         let e = rel_err(acc.grad_values(i), big.grad_values(i));
         assert!(e < 1e-5, "{}: accumulated gradient differs by {e:e}", info.name);
     }
+    // And 10 optimizer steps later the two runs still agree.
+    let tc = TrainConfig::default();
+    let (mut opt_big, mut opt_acc) = (AdamW::new(&big), AdamW::new(&acc));
+    opt_big.step(&mut big, &k, 1e-3, &tc);
+    opt_acc.step(&mut acc, &k, 1e-3, &tc);
+    for step in 1..10 {
+        big.zero_grad();
+        let l_big = big.forward(&k, &x, Some(&y), bk * kk, t).unwrap().unwrap();
+        big.backward(&k, 1.0).unwrap();
+        opt_big.step(&mut big, &k, 1e-3, &tc);
+        acc.zero_grad();
+        let mut l_acc = 0.0;
+        for m in 0..kk {
+            let r = m * bk * t..(m + 1) * bk * t;
+            l_acc += acc.forward(&k, &x[r.clone()], Some(&y[r]), bk, t).unwrap().unwrap() / kk as f32;
+            acc.backward(&k, 1.0 / kk as f32).unwrap();
+        }
+        opt_acc.step(&mut acc, &k, 1e-3, &tc);
+        assert!(((l_acc - l_big) / l_big).abs() < 1e-5, "step {step}: loss {l_acc} with accumulation vs {l_big}");
+    }
 }
 
 fn tiny_run(dir: &std::path::Path) -> (TrainConfig, Tokenizer, std::path::PathBuf) {
