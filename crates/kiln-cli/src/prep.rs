@@ -32,6 +32,28 @@ pub enum DataCmd {
     Prepare(PrepareArgs),
     /// Write the built-in synthetic corpus (number-to-words pairs and grammar sentences).
     Synth(SynthArgs),
+    /// Turn a line-aligned parallel corpus (.gz allowed) into "German: … English: …" training
+    /// text, or with --task into a `kiln eval task` file.
+    Pairs(PairsArgs),
+}
+
+#[derive(Args)]
+pub struct PairsArgs {
+    /// Source-language file, one sentence a line.
+    #[arg(long)]
+    src: PathBuf,
+    /// Target-language file, aligned line by line with --src.
+    #[arg(long)]
+    tgt: PathBuf,
+    #[arg(long, default_value = "German")]
+    src_name: String,
+    #[arg(long, default_value = "English")]
+    tgt_name: String,
+    /// Write task JSONL ({"prompt", "references"}) instead of training text.
+    #[arg(long)]
+    task: bool,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -96,6 +118,17 @@ pub fn run_data(c: &DataCmd) -> anyhow::Result<()> {
                 s.bytes as f64 / (s.train_tokens + s.val_tokens).max(1) as f64,
                 a.out.display()
             );
+            Ok(())
+        }
+        DataCmd::Pairs(a) => {
+            let (src, tgt) = (kiln_data::read_lines(&a.src)?, kiln_data::read_lines(&a.tgt)?);
+            let fmt = kiln_data::PairFormat { src_name: a.src_name.clone(), tgt_name: a.tgt_name.clone() };
+            let n = if a.task {
+                kiln_data::write_pairs_task(&src, &tgt, &fmt, &a.out)?
+            } else {
+                kiln_data::write_pairs_text(&src, &tgt, &fmt, &a.out)?
+            };
+            println!("wrote {} ({n} pairs{})", a.out.display(), if a.task { ", task JSONL" } else { "" });
             Ok(())
         }
         DataCmd::Synth(a) => {

@@ -11,6 +11,7 @@
 
 mod atomic;
 mod error;
+mod pairs;
 mod prepare;
 mod sampler;
 mod shard;
@@ -18,6 +19,7 @@ pub mod synthetic;
 mod tokenizer;
 
 pub use error::DataError;
+pub use pairs::{read_lines, write_pairs_task, write_pairs_text, PairFormat};
 pub use prepare::{prepare, Dataset, PrepareOptions, PrepareSummary};
 pub use sampler::{eval_batches, BatchSampler, EvalBatch, SamplerState};
 pub use shard::{ShardWriter, TokenShard};

@@ -343,6 +343,11 @@ impl Gpt {
         Ok(Some(mean as f32))
     }
 
+    /// Per-position cross-entropy of the last forward with targets, `[b·t]`.
+    pub fn losses(&self) -> Option<&[f32]> {
+        self.acts.as_ref().filter(|a| a.targets.is_some()).map(|a| a.losses.as_slice())
+    }
+
     /// Logits `[b·t, vocab_padded]` of the last forward (before backward overwrites them).
     pub fn logits(&self) -> Option<&[f32]> {
         self.acts.as_ref().map(|a| a.logits.as_slice())
@@ -359,6 +364,25 @@ impl Gpt {
         k.matmul_forward(&mut out, &a.lnf[(t - 1) * c..t * c], &self.params[WTE], None, c, vp);
         out.truncate(v);
         Ok(out)
+    }
+
+    /// Logits `[rows.len(), vocab]` (unpadded) at the given flat positions of a `[b, t]` batch:
+    /// batched generation reads each sequence's last real position (sequences shorter than
+    /// `t` are padded on the right, which causal attention never lets earlier positions see).
+    pub fn logits_at(&mut self, k: &dyn Kernels, tokens: &[u32], b: usize, t: usize, rows: &[usize]) -> Result<Vec<f32>, ModelError> {
+        self.forward_blocks(k, tokens, None, b, t)?;
+        let (c, v, vp) = (self.config.n_embd, self.config.vocab_size, self.config.padded_vocab());
+        let a = self.acts.as_ref().expect("forward_blocks allocates");
+        let mut x = Vec::with_capacity(rows.len() * c);
+        for &r in rows {
+            if r >= b * t {
+                return Err(ModelError::Shape(format!("row {r} outside a batch of {b} × {t}")));
+            }
+            x.extend_from_slice(&a.lnf[r * c..(r + 1) * c]);
+        }
+        let mut out = vec![0.0; rows.len() * vp];
+        k.matmul_forward(&mut out, &x, &self.params[WTE], None, c, vp);
+        Ok(out.chunks(vp).flat_map(|row| row[..v].to_vec()).collect())
     }
 
     /// Backward of the mean loss times `loss_scale` (1/K for K accumulated micro-batches);
