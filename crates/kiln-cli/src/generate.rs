@@ -1,10 +1,9 @@
 //! `kiln generate` (streamed to the terminal) and `kiln eval logits`.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use kiln_model::{generate, SamplingParams};
 use kiln_tensor::CpuKernels;
 use kiln_train::load_checkpoint;
@@ -70,40 +69,5 @@ pub fn run(a: &GenerateArgs) -> anyhow::Result<()> {
         true
     })?;
     writeln!(out)?;
-    Ok(())
-}
-
-#[derive(Subcommand)]
-pub enum EvalCmd {
-    /// Logits of a checkpoint for given token ids, written to safetensors (tensor "logits" [T, V]).
-    Logits(LogitsArgs),
-}
-
-#[derive(Args)]
-pub struct LogitsArgs {
-    #[arg(long)]
-    ckpt: PathBuf,
-    /// Comma-separated token ids.
-    #[arg(long)]
-    ids: String,
-    #[arg(long)]
-    out: PathBuf,
-}
-
-pub fn run_eval(c: &EvalCmd) -> anyhow::Result<()> {
-    let EvalCmd::Logits(a) = c;
-    let ids: Vec<u32> = a
-        .ids
-        .split(',')
-        .map(|s| s.trim().parse::<u32>().map_err(|_| usage(format!("--ids: '{s}' is not a token id"))))
-        .collect::<Result<_, _>>()?;
-    let ck = load_checkpoint(&a.ckpt)?;
-    let mut model = ck.model;
-    let (v, vp) = (model.config.vocab_size, model.config.padded_vocab());
-    model.forward(&CpuKernels::default(), &ids, None, 1, ids.len())?;
-    let logits: Vec<f32> = model.logits().expect("forward ran").chunks(vp).flat_map(|r| r[..v].to_vec()).collect();
-    let bytes = kiln_model::safetensors_bytes(&[("logits".into(), vec![ids.len(), v], logits)], Some(HashMap::new()))?;
-    kiln_model::write_atomic(&a.out, &bytes)?;
-    println!("wrote {} ([{}, {v}])", a.out.display(), ids.len());
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod eval;
 mod generate;
 mod prep;
 mod train;
@@ -46,6 +47,7 @@ Start here:\n  kiln demo                      train a small model on a built-in 
   kiln train ...                 train (or --resume) a model\n\
   kiln generate ...              sample text from a checkpoint\n\
   kiln plot ...                  draw loss curves\n\
+  kiln eval ppl|bleu|chrf|rouge|task ...  measure a model or a system's output
   kiln bench train ...           measure training speed",
     propagate_version = true
 )]
@@ -84,7 +86,7 @@ enum Command {
     Bench(bench::BenchCmd),
     /// Evaluation helpers.
     #[command(subcommand)]
-    Eval(generate::EvalCmd),
+    Eval(eval::EvalCmd),
 }
 
 #[derive(Args)]
@@ -138,7 +140,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Plot(a) => run_plot(a),
         Command::Bench(c) => bench::run(c),
-        Command::Eval(c) => generate::run_eval(c),
+        Command::Eval(c) => eval::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

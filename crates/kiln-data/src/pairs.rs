@@ -104,7 +104,10 @@ mod tests {
         let fmt = PairFormat { src_name: "German".into(), tgt_name: "English".into() };
         let txt = dir.path().join("train.txt");
         write_pairs_text(&de, &en, &fmt, &txt).unwrap();
-        assert_eq!(std::fs::read_to_string(&txt).unwrap(), "German: Ein Hund. English: A dog.\nGerman: Zwei Katzen. English: Two cats.\n");
+        assert_eq!(
+            std::fs::read_to_string(&txt).unwrap(),
+            "German: Ein Hund. English: A dog.\nGerman: Zwei Katzen. English: Two cats.\n"
+        );
         let task = dir.path().join("test.jsonl");
         write_pairs_task(&de, &en, &fmt, &task).unwrap();
         let first: serde_json::Value =

@@ -369,7 +369,14 @@ impl Gpt {
     /// Logits `[rows.len(), vocab]` (unpadded) at the given flat positions of a `[b, t]` batch:
     /// batched generation reads each sequence's last real position (sequences shorter than
     /// `t` are padded on the right, which causal attention never lets earlier positions see).
-    pub fn logits_at(&mut self, k: &dyn Kernels, tokens: &[u32], b: usize, t: usize, rows: &[usize]) -> Result<Vec<f32>, ModelError> {
+    pub fn logits_at(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        rows: &[usize],
+    ) -> Result<Vec<f32>, ModelError> {
         self.forward_blocks(k, tokens, None, b, t)?;
         let (c, v, vp) = (self.config.n_embd, self.config.vocab_size, self.config.padded_vocab());
         let a = self.acts.as_ref().expect("forward_blocks allocates");
