@@ -48,7 +48,8 @@ Start here:\n  kiln demo                      train a small model on a built-in 
   kiln generate ...              sample text from a checkpoint\n\
   kiln plot ...                  draw loss curves\n\
   kiln eval ppl|bleu|chrf|rouge|task ...  measure a model or a system's output
-  kiln bench train ...           measure training speed",
+  kiln bench train ...           measure training speed
+  kiln report ...                one HTML page with curves, scores, speed",
     propagate_version = true
 )]
 struct Cli {
@@ -84,9 +85,78 @@ enum Command {
     /// Benchmarks (machine-readable with --json).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
-    /// Evaluation helpers.
+    /// Evaluation: perplexity, BLEU / chrF / ROUGE, task scores, logits.
     #[command(subcommand)]
     Eval(eval::EvalCmd),
+    /// One HTML page with loss curves, model, perplexity, task scores, speed and memory.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// A run directory (uses its checkpoint/ and metrics.jsonl) or a checkpoint directory.
+    #[arg(long)]
+    ckpt: Option<PathBuf>,
+    /// Extra metrics JSONL files to plot (repeatable).
+    #[arg(long)]
+    metrics: Vec<PathBuf>,
+    /// JSON written by `kiln eval ppl|task --json` or `kiln bench train --json` (repeatable).
+    #[arg(long = "add")]
+    measurements: Vec<PathBuf>,
+    #[arg(long, default_value = "kiln report")]
+    title: String,
+    #[arg(long, default_value = "report.html")]
+    out: PathBuf,
+}
+
+fn run_report(a: &ReportArgs) -> anyhow::Result<()> {
+    let read_json = |p: &std::path::Path| -> anyhow::Result<serde_json::Value> {
+        let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+        // A whole JSON document, or the last JSON line of a command's output.
+        serde_json::from_str(&text)
+            .or_else(|e| text.lines().rev().find_map(|l| serde_json::from_str(l).ok()).ok_or(e))
+            .map_err(|e| usage(format!("{}: not JSON: {e}", p.display())))
+    };
+    let (mut config, mut kiln, mut metrics) = (None, None, a.metrics.clone());
+    if let Some(dir) = &a.ckpt {
+        let ck = kiln_train::resolve_checkpoint_dir(dir);
+        if !ck.join("config.json").exists() {
+            return Err(usage(format!("{}: no checkpoint here (config.json missing)", dir.display())));
+        }
+        config = Some(read_json(&ck.join("config.json"))?);
+        if ck.join("kiln.json").exists() {
+            kiln = Some(read_json(&ck.join("kiln.json"))?);
+        }
+        let m = dir.join("metrics.jsonl");
+        if m.exists() && !metrics.contains(&m) {
+            metrics.insert(0, m);
+        }
+    }
+    let labels: Vec<(String, PathBuf)> = metrics
+        .iter()
+        .map(|m| {
+            (
+                m.parent().and_then(|p| p.file_name()).map_or("run".into(), |s| s.to_string_lossy().to_string()),
+                m.clone(),
+            )
+        })
+        .collect();
+    let measurements = a
+        .measurements
+        .iter()
+        .map(|p| Ok((p.file_stem().map_or("input".into(), |s| s.to_string_lossy().to_string()), read_json(p)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let inputs = kiln_eval::ReportInputs {
+        title: a.title.clone(),
+        config,
+        kiln,
+        metrics: labels.iter().map(|(l, p)| (l.clone(), p.as_path())).collect(),
+        measurements,
+    };
+    let html = kiln_eval::render_report(&inputs)?;
+    kiln_model::write_atomic(&a.out, html.as_bytes())?;
+    println!("wrote {}", a.out.display());
+    Ok(())
 }
 
 #[derive(Args)]
@@ -141,6 +211,7 @@ fn main() -> ExitCode {
         Command::Plot(a) => run_plot(a),
         Command::Bench(c) => bench::run(c),
         Command::Eval(c) => eval::run(c),
+        Command::Report(a) => run_report(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,6 +15,7 @@ pub mod perplexity;
 pub mod plot;
 mod porter;
 mod pytext;
+pub mod report;
 pub mod rouge;
 pub mod task;
 mod unicode_tables;
@@ -43,6 +44,7 @@ pub use bleu::{corpus_bleu, BleuOptions, BleuScore, BleuTokenize, Smoothing, SAC
 pub use chrf::{corpus_chrf, ChrfScore};
 pub use perplexity::{perplexity, PplReport};
 pub use plot::{read_metrics, render_svg, write_png, write_svg, LossCurves, Series};
+pub use report::{render_report, ReportInputs};
 pub use rouge::{corpus_rouge, RougeAggregate, RougeReport, RougeScores, RougeType, ROUGE_SCORE_VERSION};
 pub use task::{generate_answers, read_task, score_task, TaskExample, TaskReport};
 
