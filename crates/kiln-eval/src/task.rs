@@ -44,8 +44,9 @@ pub fn read_task(path: &Path) -> Result<Vec<TaskExample>, EvalError> {
     Ok(out)
 }
 
-/// Greedy continuation of each prompt, `batch` prompts per forward, until a newline, the end-of-text
-/// token or `max_new` tokens. Returns the trimmed continuations. `progress(done, total)`.
+/// Greedy continuation of each prompt, `batch` prompts decoded together with a KV cache, until
+/// a newline, the end-of-text token, `max_new` tokens or the model's context. Returns the trimmed
+/// continuations. `progress(done, total)`.
 pub fn generate_answers(
     model: &mut Gpt,
     k: &dyn Kernels,
@@ -56,52 +57,55 @@ pub fn generate_answers(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<String>, EvalError> {
     let err = |e: &dyn std::fmt::Display| EvalError::MetricInput(e.to_string());
-    let ctx = model.config.block_size;
+    let (cap, v) = (model.config.block_size, model.config.vocab_size);
     let eot = tok.eot_id();
+    let argmax = |l: &[f32]| l.iter().enumerate().fold(0, |b, (j, &x)| if x > l[b] { j } else { b }) as u32;
     let mut answers = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch.max(1)) {
-        let mut rows: Vec<Vec<u32>> = Vec::new();
-        for ex in chunk {
+        let mut cache = model.new_cache(chunk.len());
+        let mut next = Vec::with_capacity(chunk.len());
+        for (s, ex) in chunk.iter().enumerate() {
             let ids = tok.encode(&ex.prompt).map_err(|e| err(&e))?;
             if ids.is_empty() {
                 return Err(EvalError::MetricInput(format!("prompt {:?} encodes to no tokens", ex.prompt)));
             }
-            rows.push(ids);
+            // Keep room for the answer: at most cap − max_new prompt tokens (at least half the context).
+            let keep = cap.saturating_sub(max_new).max(cap / 2);
+            let logits =
+                model.prefill(k, &mut cache, s, &ids[ids.len().saturating_sub(keep)..]).map_err(|e| err(&e))?;
+            next.push(argmax(&logits));
         }
-        let starts: Vec<usize> = rows.iter().map(|r| r.len()).collect();
-        let mut done = vec![false; rows.len()];
-        let mut texts = vec![String::new(); rows.len()];
+        let mut gen: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
+        let mut texts = vec![String::new(); chunk.len()];
+        let mut done = vec![false; chunk.len()];
         for _ in 0..max_new {
-            // Right-pad to one length; each row is read at its own last position.
-            let windows: Vec<&[u32]> = rows.iter().map(|r| &r[r.len().saturating_sub(ctx)..]).collect();
-            let t = windows.iter().map(|w| w.len()).max().expect("non-empty batch");
-            let mut flat = vec![0u32; windows.len() * t];
-            let mut last = Vec::with_capacity(windows.len());
-            for (i, w) in windows.iter().enumerate() {
-                flat[i * t..i * t + w.len()].copy_from_slice(w);
-                last.push(i * t + w.len() - 1);
-            }
-            let logits = model.logits_at(k, &flat, windows.len(), t, &last).map_err(|e| err(&e))?;
-            let v = model.config.vocab_size;
-            for (i, row) in rows.iter_mut().enumerate() {
-                if done[i] {
+            let mut active = Vec::new();
+            for s in 0..chunk.len() {
+                if done[s] {
                     continue;
                 }
-                let l = &logits[i * v..(i + 1) * v];
-                let next = l.iter().enumerate().fold(0, |b, (j, &x)| if x > l[b] { j } else { b }) as u32;
-                if Some(next) == eot {
-                    done[i] = true;
+                if Some(next[s]) == eot {
+                    done[s] = true;
                     continue;
                 }
-                row.push(next);
-                texts[i] = tok.decode(&row[starts[i]..]).map_err(|e| err(&e))?;
-                if let Some(p) = texts[i].find('\n') {
-                    texts[i].truncate(p);
-                    done[i] = true;
+                gen[s].push(next[s]);
+                texts[s] = tok.decode(&gen[s]).map_err(|e| err(&e))?;
+                if let Some(p) = texts[s].find('\n') {
+                    texts[s].truncate(p);
+                    done[s] = true;
+                } else if cache.lens[s] >= cap {
+                    done[s] = true;
+                } else {
+                    active.push(s);
                 }
             }
-            if done.iter().all(|&d| d) {
+            if active.is_empty() {
                 break;
+            }
+            let toks: Vec<u32> = active.iter().map(|&s| next[s]).collect();
+            let logits = model.decode(k, &mut cache, &active, &toks).map_err(|e| err(&e))?;
+            for (i, &s) in active.iter().enumerate() {
+                next[s] = argmax(&logits[i * v..(i + 1) * v]);
             }
         }
         answers.extend(texts.into_iter().map(|s| s.trim().to_string()));

@@ -10,7 +10,7 @@ pub use checkpoint::{
     load_hf_dir, read_hf_config, read_safetensors_f32, safetensors_bytes, save_hf_files, write_atomic, HfTensorNames,
 };
 pub use config::{GptConfig, PRESETS};
-pub use gpt::{Gpt, ParamInfo};
+pub use gpt::{Gpt, KvCache, ParamInfo};
 pub use sample::{generate, sample_next, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

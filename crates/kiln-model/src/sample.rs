@@ -56,9 +56,10 @@ pub fn sample_next(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u3
     *order.last().expect("at least one candidate") as u32
 }
 
-/// Autoregressive generation: appends up to `max_new` tokens to `prompt`, keeping the last
-/// `block_size` tokens as context; `on_token` sees each new token and may stop early by
-/// returning false. (The KV-cache engine replaces this full recompute in a later issue.)
+/// Autoregressive generation with a KV cache: the prompt (its last `block_size` tokens) is
+/// prefilled once, then each new token costs one cached decode step. When the context fills,
+/// the last half is kept and prefilled again (a context shift, as llama.cpp does). `on_token`
+/// sees each new token and may stop early by returning false.
 pub fn generate(
     model: &mut crate::Gpt,
     k: &dyn kiln_tensor::Kernels,
@@ -71,16 +72,21 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(crate::ModelError::Shape("the prompt is empty".into()));
     }
+    let cap = model.config.block_size;
     let mut ids = prompt.to_vec();
-    let ctx = model.config.block_size;
-    for _ in 0..max_new {
-        let window = &ids[ids.len().saturating_sub(ctx)..];
-        let logits = model.last_logits(k, window)?;
+    let mut cache = model.new_cache(1);
+    let mut logits = model.prefill(k, &mut cache, 0, &ids[ids.len().saturating_sub(cap)..])?;
+    for i in 0..max_new {
         let next = sample_next(&logits, params, rng);
         ids.push(next);
-        if !on_token(next) {
+        if !on_token(next) || i + 1 == max_new {
             break;
         }
+        logits = if cache.lens[0] == cap {
+            model.prefill(k, &mut cache, 0, &ids[ids.len() - cap / 2..])?
+        } else {
+            model.decode(k, &mut cache, &[0], &[next])?
+        };
     }
     Ok(ids)
 }

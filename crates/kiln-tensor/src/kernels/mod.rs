@@ -12,6 +12,7 @@
 
 mod adamw;
 mod attention;
+mod attention_decode;
 mod crossentropy;
 mod encoder;
 mod gelu;
@@ -124,6 +125,21 @@ pub trait Kernels: Send + Sync {
         lse: &[f32],
         b: usize,
         t: usize,
+        nh: usize,
+        hs: usize,
+    );
+
+    /// One new query per sequence against its KV cache: `q [b, c]`, caches `[b, cap, c]` holding
+    /// `lens[s]` positions each (the newest included); writes `out [b, c]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        lens: &[usize],
+        cap: usize,
         nh: usize,
         hs: usize,
     );
@@ -265,6 +281,19 @@ impl Kernels for ReferenceKernels {
     ) {
         attention::attention_backward_reference(dqkv, dout, qkv, out, lse, b, t, nh, hs)
     }
+    fn attention_decode(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        lens: &[usize],
+        cap: usize,
+        nh: usize,
+        hs: usize,
+    ) {
+        attention_decode::attention_decode_reference(out, q, k_cache, v_cache, lens, cap, nh, hs)
+    }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
         gelu::gelu_forward_reference(out, inp)
     }
@@ -378,6 +407,19 @@ impl Kernels for CpuKernels {
         hs: usize,
     ) {
         attention::attention_backward(self.isa, dqkv, dout, qkv, out, lse, b, t, nh, hs)
+    }
+    fn attention_decode(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        lens: &[usize],
+        cap: usize,
+        nh: usize,
+        hs: usize,
+    ) {
+        attention_decode::attention_decode(self.isa, out, q, k_cache, v_cache, lens, cap, nh, hs)
     }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
         gelu::gelu_forward(self.isa, out, inp)

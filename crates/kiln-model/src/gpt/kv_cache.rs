@@ -1,0 +1,178 @@
+//! Generation with a key/value cache: a prompt is run once (prefill) and its keys and values
+//! kept per layer, so each new token costs one row through the model instead of the whole
+//! sequence again.
+
+use kiln_tensor::Kernels;
+
+use super::{Gpt, FCPROJ_W, FC_W, LN1_W, LN2_W, PER_LAYER, PROJ_W, QKV_W, WPE, WTE};
+use crate::ModelError;
+
+/// Keys and values of every layer for `batch` sequences of up to `cap` positions.
+pub struct KvCache {
+    pub batch: usize,
+    pub cap: usize,
+    /// Positions cached per sequence.
+    pub lens: Vec<usize>,
+    /// Per layer, `[batch, cap, c]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl Gpt {
+    /// An empty cache for `batch` sequences, as long as the model's context.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        let (c, cap, l) = (self.config.n_embd, self.config.block_size, self.config.n_layer);
+        KvCache {
+            batch,
+            cap,
+            lens: vec![0; batch],
+            k: (0..l).map(|_| vec![0.0; batch * cap * c]).collect(),
+            v: (0..l).map(|_| vec![0.0; batch * cap * c]).collect(),
+        }
+    }
+
+    /// Runs `prompt` as sequence `seq` of the cache (replacing what it held) and returns the
+    /// logits `[vocab]` for the next token.
+    pub fn prefill(
+        &mut self,
+        k: &dyn Kernels,
+        cache: &mut KvCache,
+        seq: usize,
+        prompt: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        if seq >= cache.batch {
+            return Err(ModelError::Shape(format!("sequence {seq} outside a cache of {}", cache.batch)));
+        }
+        let logits = self.last_logits(k, prompt)?;
+        let (t, c) = (prompt.len(), self.config.n_embd);
+        let a = self.acts.as_ref().expect("last_logits ran the blocks");
+        for (l, la) in a.layers.iter().enumerate() {
+            for i in 0..t {
+                let row = &la.qkv[i * 3 * c..(i + 1) * 3 * c];
+                let dst = (seq * cache.cap + i) * c;
+                cache.k[l][dst..dst + c].copy_from_slice(&row[c..2 * c]);
+                cache.v[l][dst..dst + c].copy_from_slice(&row[2 * c..]);
+            }
+        }
+        cache.lens[seq] = t;
+        Ok(logits)
+    }
+
+    /// Appends `tokens[i]` to sequence `seqs[i]` and returns the next-token logits
+    /// `[seqs.len(), vocab]`. Each sequence must have room (`lens < cap`).
+    pub fn decode(
+        &mut self,
+        k: &dyn Kernels,
+        cache: &mut KvCache,
+        seqs: &[usize],
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.config;
+        let (m, c, nh, hs, v, vp) =
+            (seqs.len(), cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
+        if tokens.len() != m || m == 0 {
+            return Err(ModelError::Shape(format!("{} tokens for {m} sequences", tokens.len())));
+        }
+        for (&s, &tok) in seqs.iter().zip(tokens) {
+            if s >= cache.batch || cache.lens[s] == 0 {
+                return Err(ModelError::Shape(format!("sequence {s} has no prefilled prompt")));
+            }
+            if cache.lens[s] >= cache.cap {
+                return Err(ModelError::SequenceTooLong { t: cache.lens[s] + 1, context: cache.cap });
+            }
+            if tok as usize >= v {
+                return Err(ModelError::TokenOutOfRange { id: tok, pos: cache.lens[s], vocab: v });
+            }
+        }
+        let p = &self.params;
+        let z = |n: usize| vec![0.0f32; n];
+        let (mut x, mut ln, mut qkv, mut att, mut tmp, mut res2) =
+            (z(m * c), z(m * c), z(m * 3 * c), z(m * c), z(m * c), z(m * c));
+        let (mut fc, mut fcg, mut mean, mut rstd) = (z(m * 4 * c), z(m * 4 * c), z(m), z(m));
+        for (i, (&s, &tok)) in seqs.iter().zip(tokens).enumerate() {
+            let (tok, pos) = (tok as usize, cache.lens[s]);
+            for j in 0..c {
+                x[i * c + j] = p[WTE][tok * c + j] + p[WPE][pos * c + j];
+            }
+        }
+        let lens: Vec<usize> = seqs.iter().map(|&s| cache.lens[s] + 1).collect();
+        for l in 0..cfg.n_layer {
+            let w = |j: usize| p[2 + l * PER_LAYER + j].as_slice();
+            k.layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, w(LN1_W), w(LN1_W + 1), c);
+            k.matmul_forward(&mut qkv, &ln, w(QKV_W), Some(w(QKV_W + 1)), c, 3 * c);
+            for (i, &s) in seqs.iter().enumerate() {
+                let dst = (s * cache.cap + cache.lens[s]) * c;
+                cache.k[l][dst..dst + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
+                cache.v[l][dst..dst + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..(i + 1) * 3 * c]);
+                let (q, span) = (&qkv[i * 3 * c..i * 3 * c + c], s * cache.cap * c..(s + 1) * cache.cap * c);
+                k.attention_decode(
+                    &mut att[i * c..(i + 1) * c],
+                    q,
+                    &cache.k[l][span.clone()],
+                    &cache.v[l][span],
+                    &lens[i..=i],
+                    cache.cap,
+                    nh,
+                    hs,
+                );
+            }
+            k.matmul_forward(&mut tmp, &att, w(PROJ_W), Some(w(PROJ_W + 1)), c, c);
+            k.residual_forward(&mut res2, &x, &tmp);
+            k.layernorm_forward(&mut ln, &mut mean, &mut rstd, &res2, w(LN2_W), w(LN2_W + 1), c);
+            k.matmul_forward(&mut fc, &ln, w(FC_W), Some(w(FC_W + 1)), c, 4 * c);
+            k.gelu_forward(&mut fcg, &fc);
+            k.matmul_forward(&mut tmp, &fcg, w(FCPROJ_W), Some(w(FCPROJ_W + 1)), 4 * c, c);
+            k.residual_forward(&mut x, &res2, &tmp);
+        }
+        let nf = p.len() - 2;
+        k.layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p[nf], &p[nf + 1], c);
+        let mut logits = z(m * vp);
+        k.matmul_forward(&mut logits, &ln, &p[WTE], None, c, vp);
+        for &s in seqs {
+            cache.lens[s] += 1;
+        }
+        Ok(logits.chunks(vp).flat_map(|r| r[..v].to_vec()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GptConfig;
+    use kiln_tensor::CpuKernels;
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    /// Cached decoding gives the logits of recomputing the whole sequence, step after step.
+    #[test]
+    fn decode_matches_full_recompute() {
+        let cfg = GptConfig { n_layer: 2, n_head: 3, n_embd: 48, block_size: 24, vocab_size: 61 };
+        let mut m = Gpt::new(cfg, 5).unwrap();
+        let k = CpuKernels::default();
+        let mut seqs: Vec<Vec<u32>> =
+            vec![vec![3, 14, 15, 9], (0..11).map(|i| (i * 7 % 61) as u32).collect(), vec![42]];
+        let mut cache = m.new_cache(3);
+        for (s, ids) in seqs.iter().enumerate() {
+            let got = m.prefill(&k, &mut cache, s, ids).unwrap();
+            let want = m.last_logits(&k, ids).unwrap();
+            assert!(rel_err(&got, &want) < 1e-6);
+        }
+        for step in 0..12 {
+            // Sequence 1 sits out every other step: decoding a subset must work too.
+            let active: Vec<usize> = (0..3).filter(|&s| s != 1 || step % 2 == 0).collect();
+            let toks: Vec<u32> = active.iter().map(|&s| ((step * 13 + s * 5) % 61) as u32).collect();
+            let got = m.decode(&k, &mut cache, &active, &toks).unwrap();
+            for (i, &s) in active.iter().enumerate() {
+                seqs[s].push(toks[i]);
+                let want = m.last_logits(&k, &seqs[s]).unwrap();
+                let e = rel_err(&got[i * 61..(i + 1) * 61], &want);
+                assert!(e < 1e-5, "step {step} seq {s}: {e:e}");
+            }
+        }
+        assert!(m.decode(&k, &mut cache, &[0], &[99]).is_err(), "token outside the vocabulary");
+    }
+}

@@ -1,0 +1,175 @@
+//! Attention of one new query per sequence against that sequence's KV cache (generation).
+//!
+//! `q [b, c]` holds each sequence's newest query (heads side by side), `k_cache` / `v_cache`
+//! `[b, cap, c]` the keys and values of positions `0..lens[s]` (the newest already written).
+//! `out [b, c]` receives softmax(q·Kᵀ/√hs)·V per head.
+
+use rayon::prelude::*;
+
+use super::SendPtr;
+use crate::simd::{Isa, Simd};
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_decode_reference(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    lens: &[usize],
+    cap: usize,
+    nh: usize,
+    hs: usize,
+) {
+    let c = nh * hs;
+    let scale = 1.0 / (hs as f64).sqrt();
+    for (s, &len) in lens.iter().enumerate() {
+        for h in 0..nh {
+            let qh = &q[s * c + h * hs..s * c + (h + 1) * hs];
+            let scores: Vec<f64> = (0..len)
+                .map(|j| {
+                    let kj = &k_cache[(s * cap + j) * c + h * hs..];
+                    (0..hs).map(|d| qh[d] as f64 * kj[d] as f64).sum::<f64>() * scale
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = scores.iter().map(|x| (x - max).exp()).sum();
+            for d in 0..hs {
+                let o: f64 = (0..len)
+                    .map(|j| (scores[j] - max).exp() / sum * v_cache[(s * cap + j) * c + h * hs + d] as f64)
+                    .sum();
+                out[s * c + h * hs + d] = o as f32;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, n: usize) -> f32 {
+    let (mut a0, mut a1) = (S::zero(), S::zero());
+    let mut d = 0;
+    while d + 2 * S::LANES <= n {
+        a0 = S::fma(S::load(a.add(d)), S::load(b.add(d)), a0);
+        a1 = S::fma(S::load(a.add(d + S::LANES)), S::load(b.add(d + S::LANES)), a1);
+        d += 2 * S::LANES;
+    }
+    let mut s = S::reduce_sum(S::add(a0, a1));
+    while d < n {
+        s += *a.add(d) * *b.add(d);
+        d += 1;
+    }
+    s
+}
+
+/// One (sequence, head): scores into `scores`, then the probability-weighted sum of values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_head<S: Simd>(
+    out: SendPtr,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scores: &mut [f32],
+    len: usize,
+    c: usize,
+    hs: usize,
+) {
+    let scale = 1.0 / (hs as f32).sqrt();
+    let mut max = f32::NEG_INFINITY;
+    for (j, sj) in scores[..len].iter_mut().enumerate() {
+        *sj = dot::<S>(q.as_ptr(), k.as_ptr().add(j * c), hs) * scale;
+        max = max.max(*sj);
+    }
+    let mut sum = 0.0;
+    let mv = S::splat(max);
+    let mut j = 0;
+    while j + S::LANES <= len {
+        let e = S::exp(S::sub(S::load(scores.as_ptr().add(j)), mv));
+        S::store(scores.as_mut_ptr().add(j), e);
+        sum += S::reduce_sum(e);
+        j += S::LANES;
+    }
+    while j < len {
+        scores[j] = (scores[j] - max).exp();
+        sum += scores[j];
+        j += 1;
+    }
+    let o = out.0;
+    for d in 0..hs {
+        *o.add(d) = 0.0;
+    }
+    for (j, &p) in scores[..len].iter().enumerate() {
+        let w = S::splat(p / sum);
+        let vj = v.as_ptr().add(j * c);
+        let mut d = 0;
+        while d + S::LANES <= hs {
+            S::store(o.add(d), S::fma(w, S::load(vj.add(d)), S::load(o.add(d))));
+            d += S::LANES;
+        }
+        while d < hs {
+            *o.add(d) += p / sum * *vj.add(d);
+            d += 1;
+        }
+    }
+}
+crate::multiversion!(fn decode_head_v(out: SendPtr, q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], len: usize, c: usize, hs: usize) => decode_head);
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_decode(
+    isa: Isa,
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    lens: &[usize],
+    cap: usize,
+    nh: usize,
+    hs: usize,
+) {
+    let (b, c) = (lens.len(), nh * hs);
+    assert!(out.len() == b * c && q.len() == b * c && k_cache.len() >= b * cap * c && v_cache.len() >= b * cap * c);
+    assert!(lens.iter().all(|&l| l >= 1 && l <= cap), "every sequence needs 1..=cap cached positions");
+    let optr = SendPtr(out.as_mut_ptr());
+    (0..b * nh).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        let (s, h) = (task / nh, task % nh);
+        scores.resize(cap, 0.0);
+        let base = s * cap * c + h * hs;
+        // SAFETY: task (s, h) writes only out[s, h·hs..(h+1)·hs].
+        let o = unsafe { optr.add(s * c + h * hs) };
+        decode_head_v(
+            isa,
+            o,
+            &q[s * c + h * hs..(s + 1) * c],
+            &k_cache[base..],
+            &v_cache[base..],
+            scores,
+            lens[s],
+            c,
+            hs,
+        );
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn attention_decode_fast_matches_reference() {
+        let (nh, hs, cap) = (3usize, 19usize, 37usize);
+        let c = nh * hs;
+        let lens = [1usize, 37, 20];
+        let b = lens.len();
+        let mut r = rng(31);
+        let q = randn(&mut r, b * c, 1.5);
+        let k = randn(&mut r, b * cap * c, 1.5);
+        let v = randn(&mut r, b * cap * c, 1.0);
+        let mut want = vec![0.0; b * c];
+        attention_decode_reference(&mut want, &q, &k, &v, &lens, cap, nh, hs);
+        for isa in Isa::all_supported() {
+            let mut got = vec![7.0; b * c];
+            attention_decode(isa, &mut got, &q, &k, &v, &lens, cap, nh, hs);
+            assert_close(&format!("attention_decode {isa:?}"), &got, &want, 1e-5);
+        }
+    }
+}
