@@ -10,6 +10,28 @@ use crate::{ui, usage};
 pub enum BenchCmd {
     /// Time training steps on random tokens: tokens/s, ms per phase, GFLOP/s, fraction of peak.
     Train(BenchTrainArgs),
+    /// Time generation: prefill and KV-cached decode, time to first token, memory roofline.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Args)]
+pub struct BenchGenerateArgs {
+    /// A checkpoint to time (otherwise --preset with random weights).
+    #[arg(long)]
+    ckpt: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "gpt-s")]
+    preset: String,
+    #[arg(long)]
+    vocab: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Timed repetitions (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -37,7 +59,10 @@ pub struct BenchTrainArgs {
 }
 
 pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
-    let BenchCmd::Train(a) = c;
+    let a = match c {
+        BenchCmd::Train(a) => a,
+        BenchCmd::Generate(g) => return bench_generate(g),
+    };
     if a.precision != "fp32" {
         return Err(usage(format!("--precision {} is not implemented yet (fp32 only)", a.precision)));
     }
@@ -84,6 +109,86 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
             "  peak memory   {:>10.0} MB RSS (model, grads, optimizer, activations: {:.0} MB)",
             rss, r.model_memory_mb
         );
+    }
+    Ok(())
+}
+
+fn bench_generate(a: &BenchGenerateArgs) -> anyhow::Result<()> {
+    use rand::{Rng, SeedableRng};
+    let mut model = match &a.ckpt {
+        Some(dir) => kiln_train::load_checkpoint(dir)?.model,
+        None => kiln_model::Gpt::new(GptConfig::preset(&a.preset, a.vocab)?, 1)?,
+    };
+    let cfg = model.config.clone();
+    if a.prompt_len == 0 || a.gen == 0 || a.reps == 0 {
+        return Err(usage("--prompt-len, --gen and --reps must be at least 1"));
+    }
+    if a.prompt_len + a.gen > cfg.block_size {
+        return Err(usage(format!(
+            "--prompt-len + --gen = {} exceeds the model's context of {}",
+            a.prompt_len + a.gen,
+            cfg.block_size
+        )));
+    }
+    let k = CpuKernels::default();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let prompt: Vec<u32> = (0..a.prompt_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+    let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..a.reps + 1 {
+        let mut cache = model.new_cache(1);
+        let t0 = std::time::Instant::now();
+        let mut logits = model.prefill(&k, &mut cache, 0, &prompt)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        for _ in 0..a.gen - 1 {
+            let next = logits.iter().enumerate().fold(0, |b, (j, &x)| if x > logits[b] { j } else { b }) as u32;
+            logits = model.decode(&k, &mut cache, &[0], &[next])?;
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        best_prefill = best_prefill.min(prefill);
+        best_decode = best_decode.min(decode);
+    }
+    let bw = kiln_tensor::probe::read_bandwidth_gbs();
+    // Bytes one decode step must read: every weight once (the tied head included) and, on
+    // average over the generation, the KV cache of half-way through it.
+    let weights = 4.0 * (cfg.num_params() - cfg.block_size * cfg.n_embd) as f64 + 4.0 * (cfg.n_embd) as f64;
+    let avg_len = a.prompt_len as f64 + a.gen as f64 / 2.0;
+    let kv = 2.0 * 4.0 * (cfg.n_layer * cfg.n_embd) as f64 * avg_len;
+    let roofline_tps = bw * 1e9 / (weights + kv);
+    let decode_tps = (a.gen - 1) as f64 / best_decode;
+    let v = serde_json::json!({
+        "model": a.ckpt.as_ref().map_or(a.preset.clone(), |p| p.display().to_string()),
+        "params": cfg.num_params(),
+        "prompt_len": a.prompt_len,
+        "gen": a.gen,
+        "threads": rayon::current_num_threads(),
+        "prefill_tokens_per_s": a.prompt_len as f64 / best_prefill,
+        "decode_tokens_per_s": decode_tps,
+        "ttft_ms": best_prefill * 1e3,
+        "read_bandwidth_gbs": bw,
+        "bytes_per_token": weights + kv,
+        "roofline_tokens_per_s": roofline_tps,
+        "roofline_fraction": decode_tps / roofline_tps,
+        "peak_rss_mb": ui::peak_rss_mb().unwrap_or(f64::NAN),
+    });
+    if a.json {
+        println!("{v}");
+    } else {
+        println!(
+            "kiln bench generate: {} ({:.2}M params), prompt {} + {} generated, {} threads",
+            v["model"].as_str().unwrap_or(""),
+            cfg.num_params() as f64 / 1e6,
+            a.prompt_len,
+            a.gen,
+            rayon::current_num_threads()
+        );
+        println!(
+            "  prefill        {:>9.0} tokens/s (time to first token {:.1} ms)",
+            a.prompt_len as f64 / best_prefill,
+            best_prefill * 1e3
+        );
+        println!("  decode         {:>9.1} tokens/s", decode_tps);
+        println!("  roofline       {:>9.1} tokens/s at the measured {:.1} GB/s read bandwidth ({:.2} MB a token): {:.0}% of it", roofline_tps, bw, (weights + kv) / 1e6, 100.0 * decode_tps / roofline_tps);
     }
     Ok(())
 }

@@ -50,3 +50,41 @@ pub fn f32_peak_gflops() -> f64 {
     }
     best
 }
+
+#[inline(always)]
+unsafe fn sum_body<S: Simd>(x: &[f32]) -> f32 {
+    let (n, p) = (x.len(), x.as_ptr());
+    let (mut a0, mut a1, mut a2, mut a3) = (S::zero(), S::zero(), S::zero(), S::zero());
+    let mut i = 0;
+    while i + 4 * S::LANES <= n {
+        a0 = S::add(a0, S::load(p.add(i)));
+        a1 = S::add(a1, S::load(p.add(i + S::LANES)));
+        a2 = S::add(a2, S::load(p.add(i + 2 * S::LANES)));
+        a3 = S::add(a3, S::load(p.add(i + 3 * S::LANES)));
+        i += 4 * S::LANES;
+    }
+    let mut s = S::reduce_sum(S::add(S::add(a0, a1), S::add(a2, a3)));
+    while i < n {
+        s += *p.add(i);
+        i += 1;
+    }
+    s
+}
+crate::multiversion!(fn sum_v(x: &[f32]) -> f32 => sum_body);
+
+/// Measured memory read bandwidth in GB/s on all rayon threads: a 256 MiB buffer (far larger
+/// than any cache) summed with SIMD loads, best of a few passes.
+pub fn read_bandwidth_gbs() -> f64 {
+    let isa = Isa::detect();
+    let buf = vec![1.0f32; 64 << 20];
+    let chunk = buf.len().div_ceil(rayon::current_num_threads() * 8);
+    let mut best: f64 = 0.0;
+    for _ in 0..4 {
+        let start = Instant::now();
+        let s: f32 = buf.par_chunks(chunk).map(|c| sum_v(isa, c)).sum();
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((buf.len() * 4) as f64 / secs / 1e9);
+    }
+    best
+}

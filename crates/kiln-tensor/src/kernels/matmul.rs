@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::simd::Isa;
+use crate::simd::{Isa, Simd};
 
 pub(crate) fn matmul_forward_reference(
     out: &mut [f32],
@@ -161,8 +161,81 @@ fn gemm_with(
     }
 }
 
+/// Rows up to which the forward uses dot products instead of a GEMM: generation's decode step
+/// multiplies one row per sequence, where packing for a GEMM costs more than it saves.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// `out[r] = Σ inp[r]·w` for `rows` rows against a block of output channels (one dot product
+/// each, the weight row read once for all rows).
+#[inline(always)]
+unsafe fn gemv_block<S: Simd>(
+    out: &mut [f32],
+    o0: usize,
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    let n_o = out.len() / rows;
+    for oi in 0..n_o {
+        let o = o0 + oi;
+        let w = weight.as_ptr().add(o * c_in);
+        for r in 0..rows {
+            let x = inp.as_ptr().add(r * c_in);
+            let (mut a0, mut a1) = (S::zero(), S::zero());
+            let mut i = 0;
+            while i + 2 * S::LANES <= c_in {
+                a0 = S::fma(S::load(x.add(i)), S::load(w.add(i)), a0);
+                a1 = S::fma(S::load(x.add(i + S::LANES)), S::load(w.add(i + S::LANES)), a1);
+                i += 2 * S::LANES;
+            }
+            let mut acc = S::reduce_sum(S::add(a0, a1));
+            while i < c_in {
+                acc += *x.add(i) * *w.add(i);
+                i += 1;
+            }
+            out[r * n_o + oi] = acc + bias.map_or(0.0, |b| b[o]);
+        }
+    }
+    let _ = c_out;
+}
+crate::multiversion!(fn gemv_block_v(out: &mut [f32], o0: usize, inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) => gemv_block);
+
+/// Few-row forward: output channels split in blocks across threads, results scattered per row.
+fn matmul_forward_gemv(
+    isa: Isa,
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    const BLOCK: usize = 64;
+    let rows = inp.len() / c_in;
+    let blocks: Vec<Vec<f32>> = (0..c_out.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|bi| {
+            let o0 = bi * BLOCK;
+            let n = BLOCK.min(c_out - o0);
+            let mut part = vec![0.0f32; rows * n];
+            gemv_block_v(isa, &mut part, o0, inp, weight, bias, c_in, c_out);
+            part
+        })
+        .collect();
+    for (bi, part) in blocks.iter().enumerate() {
+        let o0 = bi * BLOCK;
+        let n = part.len() / rows;
+        for r in 0..rows {
+            out[r * c_out + o0..r * c_out + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+        }
+    }
+}
+
 pub(crate) fn matmul_forward(
-    _isa: Isa,
+    isa: Isa,
     out: &mut [f32],
     inp: &[f32],
     weight: &[f32],
@@ -172,6 +245,10 @@ pub(crate) fn matmul_forward(
 ) {
     let rows = inp.len() / c_in;
     assert!(out.len() == rows * c_out && weight.len() == c_out * c_in);
+    assert!(bias.is_none_or(|b| b.len() == c_out));
+    if rows <= GEMV_MAX_ROWS {
+        return matmul_forward_gemv(isa, out, inp, weight, bias, c_in, c_out);
+    }
     if let Some(b) = bias {
         assert_eq!(b.len(), c_out);
         out.par_chunks_mut(c_out).for_each(|row| row.copy_from_slice(b));
@@ -219,7 +296,7 @@ mod tests {
 
     #[test]
     fn matmul_fast_matches_reference() {
-        for &(rows, c_in, c_out) in &[(1usize, 5usize, 3usize), (37, 67, 131), (70, 389, 29)] {
+        for &(rows, c_in, c_out) in &[(1usize, 5usize, 3usize), (3, 389, 131), (37, 67, 131), (70, 389, 29)] {
             let mut r = rng(5 + c_in as u64);
             let inp = randn(&mut r, rows * c_in, 1.0);
             let w = randn(&mut r, c_out * c_in, 1.0);
