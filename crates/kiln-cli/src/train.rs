@@ -126,6 +126,13 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
                     &std::fs::read_to_string(path).map_err(|e| usage(format!("{}: {e}", path.display())))?,
                 )?;
             }
+            // A run continues where its checkpoint is now, even if the directory was moved.
+            if let Some(run_dir) = ck_dir.parent().filter(|_| ck_dir.ends_with("checkpoint")) {
+                if cfg.out != run_dir {
+                    cfg.out = run_dir.to_path_buf();
+                    cfg.metrics = None;
+                }
+            }
             a.apply(&mut cfg);
             return train(cfg, Some(ck), a.stop_at);
         }

@@ -198,3 +198,29 @@ fn token_ids_outside_the_vocabulary() {
         kiln(&["eval", "logits", "--ckpt", s(&run), "--ids", "1,99999", "--out", s(&f.root.join("l.safetensors"))]);
     assert_fails(&out, 2, "outside the model's vocabulary");
 }
+
+/// `--stop-at` then `--resume` on the command line, with the run directory moved in between:
+/// the metrics continue in the moved directory and the checkpoint reaches the last step.
+#[test]
+fn stop_move_and_resume() {
+    let f = fixture();
+    let run = f.root.join("run-stop");
+    let out = run_train(f, &run, &["--steps", "4", "--stop-at", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let moved = f.root.join("run-moved");
+    std::fs::rename(&run, &moved).unwrap();
+    let out = kiln(&["train", "--resume", s(&moved)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let steps: Vec<u64> = std::fs::read_to_string(moved.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    let kiln_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(moved.join("checkpoint/kiln.json")).unwrap()).unwrap();
+    assert_eq!(kiln_json["step"], 4);
+    assert!(!run.exists(), "the resumed run must not write to the old location");
+    // Training again into a directory that holds a checkpoint is refused.
+    assert_fails(&run_train(f, &moved, &[]), 2, "already holds a checkpoint");
+}
