@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::gemm_serial;
+use super::matmul::gemm_strided;
 use super::SendPtr;
 use crate::simd::{Isa, Simd};
 
@@ -216,7 +216,7 @@ fn attn_fwd_head(isa: Isa, sc: &mut HeadScratch, lse: &mut [f32], t: usize, hs: 
         for j0 in (0..i0 + bq).step_by(TILE) {
             let bk = TILE.min(t - j0);
             // S = Qs[i0..] · K[j0..]ᵀ
-            gemm_serial(bq, bk, hs, &mut sc.s, bk, false, &sc.qs[i0 * hs..], hs, 1, &sc.k[j0 * hs..], 1, hs);
+            gemm_strided(bq, bk, hs, &mut sc.s, bk, false, &sc.qs[i0 * hs..], hs, 1, &sc.k[j0 * hs..], 1, hs, false);
             for r in 0..bq {
                 let row = &mut sc.s[r * bk..(r + 1) * bk];
                 let n = visible(i0 + r, j0, bk);
@@ -234,7 +234,7 @@ fn attn_fwd_head(isa: Isa, sc: &mut HeadScratch, lse: &mut [f32], t: usize, hs: 
                 m[r] = m_new;
             }
             // O[i0..] += P · V[j0..]
-            gemm_serial(bq, hs, bk, &mut sc.o[i0 * hs..], hs, true, &sc.s, bk, 1, &sc.v[j0 * hs..], hs, 1);
+            gemm_strided(bq, hs, bk, &mut sc.o[i0 * hs..], hs, true, &sc.s, bk, 1, &sc.v[j0 * hs..], hs, 1, false);
         }
         for r in 0..bq {
             scale_v(isa, &mut sc.o[(i0 + r) * hs..(i0 + r + 1) * hs], 1.0 / l[r]);
@@ -284,7 +284,7 @@ fn attn_bwd_head(isa: Isa, sc: &mut HeadScratch, dsum: &[f32], lse: &[f32], t: u
         let bk = TILE.min(t - j0);
         for i0 in (j0..t).step_by(TILE) {
             let bq = TILE.min(t - i0);
-            gemm_serial(bq, bk, hs, &mut sc.s, bk, false, &sc.qs[i0 * hs..], hs, 1, &sc.k[j0 * hs..], 1, hs);
+            gemm_strided(bq, bk, hs, &mut sc.s, bk, false, &sc.qs[i0 * hs..], hs, 1, &sc.k[j0 * hs..], 1, hs, false);
             for r in 0..bq {
                 let row = &mut sc.s[r * bk..(r + 1) * bk];
                 let n = visible(i0 + r, j0, bk);
@@ -292,15 +292,15 @@ fn attn_bwd_head(isa: Isa, sc: &mut HeadScratch, dsum: &[f32], lse: &[f32], t: u
                 row[n..].fill(0.0);
             }
             // dV[j0..] += Pᵀ · dO[i0..]
-            gemm_serial(bk, hs, bq, &mut sc.dv[j0 * hs..], hs, true, &sc.s, 1, bk, &sc.o[i0 * hs..], hs, 1);
+            gemm_strided(bk, hs, bq, &mut sc.dv[j0 * hs..], hs, true, &sc.s, 1, bk, &sc.o[i0 * hs..], hs, 1, false);
             // dP = dO[i0..] · V[j0..]ᵀ
-            gemm_serial(bq, bk, hs, &mut sc.ds, bk, false, &sc.o[i0 * hs..], hs, 1, &sc.v[j0 * hs..], 1, hs);
+            gemm_strided(bq, bk, hs, &mut sc.ds, bk, false, &sc.o[i0 * hs..], hs, 1, &sc.v[j0 * hs..], 1, hs, false);
             for r in 0..bq {
                 softmax_grad_row_v(isa, &mut sc.ds[r * bk..(r + 1) * bk], &sc.s[r * bk..(r + 1) * bk], dsum[i0 + r]);
             }
             // dQ[i0..] += dS · K[j0..];  dK[j0..] += dSᵀ · Qs[i0..]
-            gemm_serial(bq, hs, bk, &mut sc.dq[i0 * hs..], hs, true, &sc.ds, bk, 1, &sc.k[j0 * hs..], hs, 1);
-            gemm_serial(bk, hs, bq, &mut sc.dk[j0 * hs..], hs, true, &sc.ds, 1, bk, &sc.qs[i0 * hs..], hs, 1);
+            gemm_strided(bq, hs, bk, &mut sc.dq[i0 * hs..], hs, true, &sc.ds, bk, 1, &sc.k[j0 * hs..], hs, 1, false);
+            gemm_strided(bk, hs, bq, &mut sc.dk[j0 * hs..], hs, true, &sc.ds, 1, bk, &sc.qs[i0 * hs..], hs, 1, false);
         }
     }
     scale_v(isa, &mut sc.dq, scale);

@@ -72,9 +72,10 @@ fn parallelism() -> gemm::Parallelism {
 }
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (slice, row stride, column
-/// stride), on all rayon threads.
+/// stride); on all rayon threads, or on the calling thread alone for small blocks inside an
+/// already parallel kernel (attention).
 #[allow(clippy::too_many_arguments)]
-fn gemm_strided(
+pub(crate) fn gemm_strided(
     m: usize,
     n: usize,
     k: usize,
@@ -87,45 +88,9 @@ fn gemm_strided(
     rhs: &[f32],
     rhs_rs: usize,
     rhs_cs: usize,
+    parallel: bool,
 ) {
-    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, parallelism())
-}
-
-/// As `gemm_strided`, on the calling thread only: for small blocks inside an already parallel kernel.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_serial(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    gemm_with(m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, gemm::Parallelism::None)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_with(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-    par: gemm::Parallelism,
-) {
+    let par = if parallel { parallelism() } else { gemm::Parallelism::None };
     if m == 0 || n == 0 {
         return;
     }
@@ -175,7 +140,6 @@ unsafe fn gemv_block<S: Simd>(
     weight: &[f32],
     bias: Option<&[f32]>,
     c_in: usize,
-    c_out: usize,
 ) {
     let rows = inp.len() / c_in;
     let n_o = out.len() / rows;
@@ -199,9 +163,8 @@ unsafe fn gemv_block<S: Simd>(
             out[r * n_o + oi] = acc + bias.map_or(0.0, |b| b[o]);
         }
     }
-    let _ = c_out;
 }
-crate::multiversion!(fn gemv_block_v(out: &mut [f32], o0: usize, inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, c_out: usize) => gemv_block);
+crate::multiversion!(fn gemv_block_v(out: &mut [f32], o0: usize, inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize) => gemv_block);
 
 /// Few-row forward: output channels split in blocks across threads, results scattered per row.
 fn matmul_forward_gemv(
@@ -221,7 +184,7 @@ fn matmul_forward_gemv(
             let o0 = bi * BLOCK;
             let n = BLOCK.min(c_out - o0);
             let mut part = vec![0.0f32; rows * n];
-            gemv_block_v(isa, &mut part, o0, inp, weight, bias, c_in, c_out);
+            gemv_block_v(isa, &mut part, o0, inp, weight, bias, c_in);
             part
         })
         .collect();
@@ -254,7 +217,7 @@ pub(crate) fn matmul_forward(
         out.par_chunks_mut(c_out).for_each(|row| row.copy_from_slice(b));
     }
     // out[rows, c_out] (+)= inp[rows, c_in] · Wᵀ, where Wᵀ[i, o] = W[o * c_in + i].
-    gemm_strided(rows, c_out, c_in, out, c_out, bias.is_some(), inp, c_in, 1, weight, 1, c_in);
+    gemm_strided(rows, c_out, c_in, out, c_out, bias.is_some(), inp, c_in, 1, weight, 1, c_in, true);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -272,9 +235,9 @@ pub(crate) fn matmul_backward(
     let rows = inp.len() / c_in;
     assert!(dinp.len() == rows * c_in && dout.len() == rows * c_out && dweight.len() == c_out * c_in);
     // dinp[rows, c_in] = dout[rows, c_out] · W[c_out, c_in]
-    gemm_strided(rows, c_in, c_out, dinp, c_in, false, dout, c_out, 1, weight, c_in, 1);
+    gemm_strided(rows, c_in, c_out, dinp, c_in, false, dout, c_out, 1, weight, c_in, 1, true);
     // dW[c_out, c_in] += doutᵀ[c_out, rows] · inp[rows, c_in]
-    gemm_strided(c_out, c_in, rows, dweight, c_in, true, dout, 1, c_out, inp, c_in, 1);
+    gemm_strided(c_out, c_in, rows, dweight, c_in, true, dout, 1, c_out, inp, c_in, 1, true);
     if let Some(db) = dbias {
         assert_eq!(db.len(), c_out);
         // Column sums, one block of columns per task, rows in order: deterministic.
