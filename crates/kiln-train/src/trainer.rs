@@ -158,7 +158,7 @@ impl Trainer {
         }
         let prompt = self.tokenizer.encode("\n")?;
         let prompt = if prompt.is_empty() { vec![0] } else { prompt };
-        let params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 1.0 };
+        let params = SamplingParams { temperature: 0.8, top_k: 40, ..Default::default() };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9));
         let ids = generate(
             &mut self.model,
