@@ -44,7 +44,7 @@ pub fn run(a: &GenerateArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         return Err(usage("the prompt encodes to no tokens"));
     }
-    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, ..Default::default() };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let mut out = std::io::stdout().lock();
     write!(out, "{}", a.prompt)?;

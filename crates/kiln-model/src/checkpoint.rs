@@ -199,3 +199,51 @@ pub fn load_hf_dir(dir: &Path) -> Result<Gpt, ModelError> {
     }
     Ok(model)
 }
+
+/// The `model_type` of a checkpoint's config.json (`gpt2` when the field is absent, as in
+/// early GPT-2 files).
+pub fn read_model_type(dir: &Path) -> Result<String, ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ck_err(&path, format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("invalid JSON: {e}")))?;
+    Ok(v.get("model_type").and_then(|m| m.as_str()).unwrap_or("gpt2").to_string())
+}
+
+/// The end-of-sequence token ids a checkpoint declares: `eos_token_id` (a number or a list)
+/// in generation_config.json, else in config.json. Empty when neither names one.
+pub fn read_eos_token_ids(dir: &Path) -> Vec<u32> {
+    let ids = |file: &str| -> Option<Vec<u32>> {
+        let text = std::fs::read_to_string(dir.join(file)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        match v.get("eos_token_id")? {
+            serde_json::Value::Number(n) => Some(vec![n.as_u64()? as u32]),
+            serde_json::Value::Array(a) => Some(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()),
+            _ => None,
+        }
+    };
+    ids("generation_config.json").or_else(|| ids("config.json")).unwrap_or_default()
+}
+
+/// The directory holding config.json: `path` itself, or the `checkpoint/` inside a kiln run
+/// directory.
+pub fn resolve_model_dir(path: &Path) -> std::path::PathBuf {
+    let inner = path.join("checkpoint");
+    if !path.join("config.json").is_file() && inner.join("config.json").is_file() {
+        inner
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Loads any supported checkpoint directory (config.json + safetensors; a kiln run directory
+/// works too) as a generating model.
+pub fn load_causal_lm(dir: &Path) -> Result<Box<dyn crate::CausalLm>, ModelError> {
+    let dir = &resolve_model_dir(dir);
+    if !dir.join("config.json").is_file() {
+        return Err(ck_err(dir, "no config.json (is this a checkpoint directory?)"));
+    }
+    match read_model_type(dir)?.as_str() {
+        "gpt2" => Ok(Box::new(load_hf_dir(dir)?)),
+        other => Err(ck_err(dir, format!("model_type '{other}' is not supported (supported: gpt2)"))),
+    }
+}

@@ -11,7 +11,6 @@ use rand_chacha::ChaCha8Rng;
 use crate::{GptConfig, ModelError};
 
 mod kv_cache;
-pub use kv_cache::KvCache;
 
 /// Tensors per transformer block, in storage order.
 const PER_LAYER: usize = 12;

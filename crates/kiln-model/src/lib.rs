@@ -4,14 +4,17 @@
 mod checkpoint;
 mod config;
 mod gpt;
+mod lm;
 mod sample;
 
 pub use checkpoint::{
-    load_hf_dir, read_hf_config, read_safetensors_f32, safetensors_bytes, save_hf_files, write_atomic, HfTensorNames,
+    load_causal_lm, load_hf_dir, read_eos_token_ids, read_hf_config, read_model_type, read_safetensors_f32,
+    resolve_model_dir, safetensors_bytes, save_hf_files, write_atomic, HfTensorNames,
 };
 pub use config::{GptConfig, PRESETS};
-pub use gpt::{Gpt, KvCache, ParamInfo};
-pub use sample::{generate, sample_next, SamplingParams};
+pub use gpt::{Gpt, ParamInfo};
+pub use lm::{CausalLm, KvCache};
+pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -5,30 +5,52 @@
 use kiln_tensor::Kernels;
 
 use super::{Gpt, FCPROJ_W, FC_W, LN1_W, LN2_W, PER_LAYER, PROJ_W, QKV_W, WPE, WTE};
-use crate::ModelError;
+use crate::{CausalLm, KvCache, ModelError};
 
-/// Keys and values of every layer for `batch` sequences of up to `cap` positions.
-pub struct KvCache {
-    pub batch: usize,
-    pub cap: usize,
-    /// Positions cached per sequence.
-    pub lens: Vec<usize>,
-    /// Per layer, `[batch, cap, c]`.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+impl CausalLm for Gpt {
+    fn model_type(&self) -> &str {
+        "gpt2"
+    }
+    fn context_len(&self) -> usize {
+        self.config.block_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+    fn num_params(&self) -> usize {
+        self.config.num_params()
+    }
+    fn weight_bytes_per_token(&self) -> usize {
+        // Every weight but the position table (one row of it is read), the tied head once.
+        4 * (self.config.num_params() - (self.config.block_size - 1) * self.config.n_embd)
+    }
+    fn new_cache(&self, batch: usize) -> KvCache {
+        Gpt::new_cache(self, batch)
+    }
+    fn prefill(
+        &mut self,
+        k: &dyn Kernels,
+        cache: &mut KvCache,
+        seq: usize,
+        prompt: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        Gpt::prefill(self, k, cache, seq, prompt)
+    }
+    fn decode(
+        &mut self,
+        k: &dyn Kernels,
+        cache: &mut KvCache,
+        seqs: &[usize],
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        Gpt::decode(self, k, cache, seqs, tokens)
+    }
 }
 
 impl Gpt {
     /// An empty cache for `batch` sequences, as long as the model's context.
     pub fn new_cache(&self, batch: usize) -> KvCache {
-        let (c, cap, l) = (self.config.n_embd, self.config.block_size, self.config.n_layer);
-        KvCache {
-            batch,
-            cap,
-            lens: vec![0; batch],
-            k: (0..l).map(|_| vec![0.0; batch * cap * c]).collect(),
-            v: (0..l).map(|_| vec![0.0; batch * cap * c]).collect(),
-        }
+        KvCache::new(self.config.n_layer, batch, self.config.block_size, self.config.n_embd)
     }
 
     /// Runs `prompt` as sequence `seq` of the cache (replacing what it held) and returns the
@@ -49,9 +71,7 @@ impl Gpt {
         for (l, la) in a.layers.iter().enumerate() {
             for i in 0..t {
                 let row = &la.qkv[i * 3 * c..(i + 1) * 3 * c];
-                let dst = (seq * cache.cap + i) * c;
-                cache.k[l][dst..dst + c].copy_from_slice(&row[c..2 * c]);
-                cache.v[l][dst..dst + c].copy_from_slice(&row[2 * c..]);
+                cache.store(l, seq, i, &row[c..2 * c], &row[2 * c..]);
             }
         }
         cache.lens[seq] = t;
@@ -70,19 +90,9 @@ impl Gpt {
         let cfg = &self.config;
         let (m, c, nh, hs, v, vp) =
             (seqs.len(), cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
-        if tokens.len() != m || m == 0 {
-            return Err(ModelError::Shape(format!("{} tokens for {m} sequences", tokens.len())));
-        }
-        for (&s, &tok) in seqs.iter().zip(tokens) {
-            if s >= cache.batch || cache.lens[s] == 0 {
-                return Err(ModelError::Shape(format!("sequence {s} has no prefilled prompt")));
-            }
-            if cache.lens[s] >= cache.cap {
-                return Err(ModelError::SequenceTooLong { t: cache.lens[s] + 1, context: cache.cap });
-            }
-            if tok as usize >= v {
-                return Err(ModelError::TokenOutOfRange { id: tok, pos: cache.lens[s], vocab: v });
-            }
+        cache.check_decode(seqs, tokens, v)?;
+        if cache.kv_dim != c {
+            return Err(ModelError::Shape(format!("a cache of width {} for a model of width {c}", cache.kv_dim)));
         }
         let p = &self.params;
         let z = |n: usize| vec![0.0f32; n];
@@ -101,20 +111,10 @@ impl Gpt {
             k.layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, w(LN1_W), w(LN1_W + 1), c);
             k.matmul_forward(&mut qkv, &ln, w(QKV_W), Some(w(QKV_W + 1)), c, 3 * c);
             for (i, &s) in seqs.iter().enumerate() {
-                let dst = (s * cache.cap + cache.lens[s]) * c;
-                cache.k[l][dst..dst + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
-                cache.v[l][dst..dst + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..(i + 1) * 3 * c]);
-                let (q, span) = (&qkv[i * 3 * c..i * 3 * c + c], s * cache.cap * c..(s + 1) * cache.cap * c);
-                k.attention_decode(
-                    &mut att[i * c..(i + 1) * c],
-                    q,
-                    &cache.k[l][span.clone()],
-                    &cache.v[l][span],
-                    &lens[i..=i],
-                    cache.cap,
-                    nh,
-                    hs,
-                );
+                let row = &qkv[i * 3 * c..(i + 1) * 3 * c];
+                cache.store(l, s, cache.lens[s], &row[c..2 * c], &row[2 * c..]);
+                let (kc, vc) = cache.seq(l, s);
+                k.attention_decode(&mut att[i * c..(i + 1) * c], &row[..c], kc, vc, &lens[i..=i], cache.cap, nh, hs);
             }
             k.matmul_forward(&mut tmp, &att, w(PROJ_W), Some(w(PROJ_W + 1)), c, c);
             k.residual_forward(&mut res2, &x, &tmp);
