@@ -244,6 +244,7 @@ pub fn load_causal_lm(dir: &Path) -> Result<Box<dyn crate::CausalLm>, ModelError
     }
     match read_model_type(dir)?.as_str() {
         "gpt2" => Ok(Box::new(load_hf_dir(dir)?)),
-        other => Err(ck_err(dir, format!("model_type '{other}' is not supported (supported: gpt2)"))),
+        "llama" | "qwen2" | "mistral" => Ok(Box::new(crate::load_llama_dir(dir)?)),
+        other => Err(ck_err(dir, format!("model_type '{other}' is not supported (gpt2, llama, qwen2, mistral are)"))),
     }
 }

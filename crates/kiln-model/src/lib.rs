@@ -1,9 +1,11 @@
-//! kiln-model: the GPT-2 architecture with an explicit forward and backward per layer
-//! (llm.c style), its presets, sampling, and Hugging Face-compatible weight I/O.
+//! kiln-model: the GPT-2 and Llama-family architectures with an explicit forward and backward
+//! per layer (llm.c style), their presets, KV-cached generation, sampling, and Hugging
+//! Face-compatible weight I/O.
 
 mod checkpoint;
 mod config;
 mod gpt;
+mod llama;
 mod lm;
 mod sample;
 
@@ -13,12 +15,13 @@ pub use checkpoint::{
 };
 pub use config::{GptConfig, PRESETS};
 pub use gpt::{Gpt, ParamInfo};
+pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, LlamaConfig, LLAMA_PRESETS};
 pub use lm::{CausalLm, KvCache};
 pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unknown preset '{0}' (known: gpt-tiny, gpt-s, gpt2-124m)")]
+    #[error("unknown preset '{0}' (known: gpt-tiny, gpt-s, gpt2-124m, llama-tiny, llama-s)")]
     UnknownPreset(String),
     #[error("invalid model configuration: {0}")]
     BadConfig(String),

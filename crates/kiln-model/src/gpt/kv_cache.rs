@@ -114,7 +114,17 @@ impl Gpt {
                 let row = &qkv[i * 3 * c..(i + 1) * 3 * c];
                 cache.store(l, s, cache.lens[s], &row[c..2 * c], &row[2 * c..]);
                 let (kc, vc) = cache.seq(l, s);
-                k.attention_decode(&mut att[i * c..(i + 1) * c], &row[..c], kc, vc, &lens[i..=i], cache.cap, nh, hs);
+                k.attention_decode(
+                    &mut att[i * c..(i + 1) * c],
+                    &row[..c],
+                    kc,
+                    vc,
+                    &lens[i..=i],
+                    cache.cap,
+                    nh,
+                    nh,
+                    hs,
+                );
             }
             k.matmul_forward(&mut tmp, &att, w(PROJ_W), Some(w(PROJ_W + 1)), c, c);
             k.residual_forward(&mut res2, &x, &tmp);

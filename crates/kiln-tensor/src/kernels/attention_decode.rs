@@ -1,8 +1,9 @@
 //! Attention of one new query per sequence against that sequence's KV cache (generation).
 //!
-//! `q [b, c]` holds each sequence's newest query (heads side by side), `k_cache` / `v_cache`
-//! `[b, cap, c]` the keys and values of positions `0..lens[s]` (the newest already written).
-//! `out [b, c]` receives softmax(q·Kᵀ/√hs)·V per head.
+//! `q [b, nh·hs]` holds each sequence's newest query (heads side by side), `k_cache` /
+//! `v_cache` `[b, cap, nkv·hs]` the keys and values of positions `0..lens[s]` (the newest
+//! already written). `out [b, nh·hs]` receives softmax(q·Kᵀ/√hs)·V per head. With grouped-query
+//! attention (`nkv < nh`) query head h reads key/value head h / (nh/nkv).
 
 use rayon::prelude::*;
 
@@ -18,16 +19,18 @@ pub(crate) fn attention_decode_reference(
     lens: &[usize],
     cap: usize,
     nh: usize,
+    nkv: usize,
     hs: usize,
 ) {
-    let c = nh * hs;
+    let (c, kvd, group) = (nh * hs, nkv * hs, nh / nkv);
     let scale = 1.0 / (hs as f64).sqrt();
     for (s, &len) in lens.iter().enumerate() {
         for h in 0..nh {
             let qh = &q[s * c + h * hs..s * c + (h + 1) * hs];
+            let kvh = h / group;
             let scores: Vec<f64> = (0..len)
                 .map(|j| {
-                    let kj = &k_cache[(s * cap + j) * c + h * hs..];
+                    let kj = &k_cache[(s * cap + j) * kvd + kvh * hs..];
                     (0..hs).map(|d| qh[d] as f64 * kj[d] as f64).sum::<f64>() * scale
                 })
                 .collect();
@@ -35,7 +38,7 @@ pub(crate) fn attention_decode_reference(
             let sum: f64 = scores.iter().map(|x| (x - max).exp()).sum();
             for d in 0..hs {
                 let o: f64 = (0..len)
-                    .map(|j| (scores[j] - max).exp() / sum * v_cache[(s * cap + j) * c + h * hs + d] as f64)
+                    .map(|j| (scores[j] - max).exp() / sum * v_cache[(s * cap + j) * kvd + kvh * hs + d] as f64)
                     .sum();
                 out[s * c + h * hs + d] = o as f32;
             }
@@ -123,16 +126,18 @@ pub(crate) fn attention_decode(
     lens: &[usize],
     cap: usize,
     nh: usize,
+    nkv: usize,
     hs: usize,
 ) {
-    let (b, c) = (lens.len(), nh * hs);
-    assert!(out.len() == b * c && q.len() == b * c && k_cache.len() >= b * cap * c && v_cache.len() >= b * cap * c);
+    let (b, c, kvd) = (lens.len(), nh * hs, nkv * hs);
+    assert!(nkv >= 1 && nh % nkv == 0, "query heads must be a multiple of key/value heads");
+    assert!(out.len() == b * c && q.len() == b * c && k_cache.len() >= b * cap * kvd && v_cache.len() >= b * cap * kvd);
     assert!(lens.iter().all(|&l| l >= 1 && l <= cap), "every sequence needs 1..=cap cached positions");
     let optr = SendPtr(out.as_mut_ptr());
     (0..b * nh).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
         let (s, h) = (task / nh, task % nh);
         scores.resize(cap, 0.0);
-        let base = s * cap * c + h * hs;
+        let base = s * cap * kvd + (h / (nh / nkv)) * hs;
         // SAFETY: task (s, h) writes only out[s, h·hs..(h+1)·hs].
         let o = unsafe { optr.add(s * c + h * hs) };
         decode_head_v(
@@ -143,7 +148,7 @@ pub(crate) fn attention_decode(
             &v_cache[base..],
             scores,
             lens[s],
-            c,
+            kvd,
             hs,
         );
     });
@@ -156,20 +161,34 @@ mod tests {
 
     #[test]
     fn attention_decode_fast_matches_reference() {
-        let (nh, hs, cap) = (3usize, 19usize, 37usize);
-        let c = nh * hs;
-        let lens = [1usize, 37, 20];
-        let b = lens.len();
-        let mut r = rng(31);
-        let q = randn(&mut r, b * c, 1.5);
-        let k = randn(&mut r, b * cap * c, 1.5);
-        let v = randn(&mut r, b * cap * c, 1.0);
-        let mut want = vec![0.0; b * c];
-        attention_decode_reference(&mut want, &q, &k, &v, &lens, cap, nh, hs);
-        for isa in Isa::all_supported() {
-            let mut got = vec![7.0; b * c];
-            attention_decode(isa, &mut got, &q, &k, &v, &lens, cap, nh, hs);
-            assert_close(&format!("attention_decode {isa:?}"), &got, &want, 1e-5);
+        // Multi-head (nkv = nh) and grouped-query (3 query heads per key/value head).
+        for (nh, nkv) in [(3usize, 3usize), (6, 2)] {
+            let (hs, cap) = (19usize, 37usize);
+            let (c, kvd) = (nh * hs, nkv * hs);
+            let lens = [1usize, 37, 20];
+            let b = lens.len();
+            let mut r = rng(31);
+            let q = randn(&mut r, b * c, 1.5);
+            let k = randn(&mut r, b * cap * kvd, 1.5);
+            let v = randn(&mut r, b * cap * kvd, 1.0);
+            let mut want = vec![0.0; b * c];
+            attention_decode_reference(&mut want, &q, &k, &v, &lens, cap, nh, nkv, hs);
+            for isa in Isa::all_supported() {
+                let mut got = vec![7.0; b * c];
+                attention_decode(isa, &mut got, &q, &k, &v, &lens, cap, nh, nkv, hs);
+                assert_close(&format!("attention_decode {isa:?} nkv={nkv}"), &got, &want, 1e-5);
+            }
+            if nkv < nh {
+                // Grouped-query equals multi-head attention over the key/value heads repeated.
+                let rep = |x: &[f32]| -> Vec<f32> {
+                    x.chunks(kvd)
+                        .flat_map(|row| (0..nh).flat_map(move |h| row[(h / (nh / nkv)) * hs..][..hs].to_vec()))
+                        .collect()
+                };
+                let mut mha = vec![0.0; b * c];
+                attention_decode_reference(&mut mha, &q, &rep(&k), &rep(&v), &lens, cap, nh, nh, hs);
+                assert_close("gqa = repeated mha", &mha, &want, 1e-6);
+            }
         }
     }
 }

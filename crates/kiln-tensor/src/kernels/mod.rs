@@ -19,6 +19,9 @@ mod gelu;
 mod layernorm;
 mod matmul;
 mod residual;
+mod rmsnorm;
+mod rope;
+mod swiglu;
 
 pub use adamw::AdamWStep;
 
@@ -129,8 +132,9 @@ pub trait Kernels: Send + Sync {
         hs: usize,
     );
 
-    /// One new query per sequence against its KV cache: `q [b, c]`, caches `[b, cap, c]` holding
-    /// `lens[s]` positions each (the newest included); writes `out [b, c]`.
+    /// One new query per sequence against its KV cache: `q [b, nh·hs]`, caches
+    /// `[b, cap, nkv·hs]` holding `lens[s]` positions each (the newest included); writes
+    /// `out [b, nh·hs]`. Query head h reads key/value head h / (nh/nkv) (grouped-query attention).
     #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
@@ -141,8 +145,34 @@ pub trait Kernels: Send + Sync {
         lens: &[usize],
         cap: usize,
         nh: usize,
+        nkv: usize,
         hs: usize,
     );
+
+    /// Row-wise RMSNorm over `c` channels (Llama's); saves 1/rms per row.
+    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], c: usize, eps: f32);
+    /// Accumulates into `dinp` (the residual stream) and `dweight`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        rstd: &[f32],
+        c: usize,
+    );
+
+    /// Rotates `x [rows, n_heads·hs]` in place by RoPE at positions `pos` (tables
+    /// `cos`/`sin` `[positions, hs/2]`, rotate-half layout); `inverse` turns back (backward).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(&self, x: &mut [f32], pos: &[usize], cos: &[f32], sin: &[f32], n_heads: usize, hs: usize, inverse: bool);
+
+    /// `out = silu(gate) · up` (the SwiGLU MLP).
+    fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]);
+    /// Overwrites `dgate` and `dup`.
+    fn swiglu_backward(&self, dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dout: &[f32]);
 
     /// GELU, tanh approximation (GPT-2's).
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]);
@@ -290,9 +320,34 @@ impl Kernels for ReferenceKernels {
         lens: &[usize],
         cap: usize,
         nh: usize,
+        nkv: usize,
         hs: usize,
     ) {
-        attention_decode::attention_decode_reference(out, q, k_cache, v_cache, lens, cap, nh, hs)
+        attention_decode::attention_decode_reference(out, q, k_cache, v_cache, lens, cap, nh, nkv, hs)
+    }
+    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], c: usize, eps: f32) {
+        rmsnorm::rmsnorm_forward_reference(out, rstd, inp, weight, c, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
+        rmsnorm::rmsnorm_backward_reference(dinp, dweight, dout, inp, weight, rstd, c)
+    }
+    fn rope(&self, x: &mut [f32], pos: &[usize], cos: &[f32], sin: &[f32], n_heads: usize, hs: usize, inverse: bool) {
+        rope::rope_reference(x, pos, cos, sin, n_heads, hs, inverse)
+    }
+    fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
+        swiglu::swiglu_forward_reference(out, gate, up)
+    }
+    fn swiglu_backward(&self, dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dout: &[f32]) {
+        swiglu::swiglu_backward_reference(dgate, dup, gate, up, dout)
     }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
         gelu::gelu_forward_reference(out, inp)
@@ -417,9 +472,34 @@ impl Kernels for CpuKernels {
         lens: &[usize],
         cap: usize,
         nh: usize,
+        nkv: usize,
         hs: usize,
     ) {
-        attention_decode::attention_decode(self.isa, out, q, k_cache, v_cache, lens, cap, nh, hs)
+        attention_decode::attention_decode(self.isa, out, q, k_cache, v_cache, lens, cap, nh, nkv, hs)
+    }
+    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], c: usize, eps: f32) {
+        rmsnorm::rmsnorm_forward(self.isa, out, rstd, inp, weight, c, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
+        rmsnorm::rmsnorm_backward(self.isa, dinp, dweight, dout, inp, weight, rstd, c)
+    }
+    fn rope(&self, x: &mut [f32], pos: &[usize], cos: &[f32], sin: &[f32], n_heads: usize, hs: usize, inverse: bool) {
+        rope::rope(x, pos, cos, sin, n_heads, hs, inverse)
+    }
+    fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
+        swiglu::swiglu_forward(self.isa, out, gate, up)
+    }
+    fn swiglu_backward(&self, dgate: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32], dout: &[f32]) {
+        swiglu::swiglu_backward(self.isa, dgate, dup, gate, up, dout)
     }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
         gelu::gelu_forward(self.isa, out, inp)
