@@ -16,7 +16,8 @@ pub enum BenchCmd {
 
 #[derive(Args)]
 pub struct BenchGenerateArgs {
-    /// A checkpoint to time (otherwise --preset with random weights).
+    /// A checkpoint to time, any supported architecture (otherwise --preset with random weights:
+    /// gpt-tiny, gpt-s, gpt2-124m, llama-tiny, llama-s).
     #[arg(long)]
     ckpt: Option<std::path::PathBuf>,
     #[arg(long, default_value = "gpt-s")]
@@ -116,23 +117,22 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
 fn bench_generate(a: &BenchGenerateArgs) -> anyhow::Result<()> {
     use rand::{Rng, SeedableRng};
     let mut model = match &a.ckpt {
-        Some(dir) => kiln_train::load_checkpoint(dir)?.model,
-        None => kiln_model::Gpt::new(GptConfig::preset(&a.preset, a.vocab)?, 1)?,
+        Some(dir) => crate::load::model(dir)?,
+        None => kiln_model::preset_model(&a.preset, a.vocab, 1)?,
     };
-    let cfg = model.config.clone();
+    let (context, vocab) = (model.context_len(), model.vocab_size());
     if a.prompt_len == 0 || a.gen == 0 || a.reps == 0 {
         return Err(usage("--prompt-len, --gen and --reps must be at least 1"));
     }
-    if a.prompt_len + a.gen > cfg.block_size {
+    if a.prompt_len + a.gen > context {
         return Err(usage(format!(
-            "--prompt-len + --gen = {} exceeds the model's context of {}",
-            a.prompt_len + a.gen,
-            cfg.block_size
+            "--prompt-len + --gen = {} exceeds the model's context of {context}",
+            a.prompt_len + a.gen
         )));
     }
     let k = CpuKernels::default();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let prompt: Vec<u32> = (0..a.prompt_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+    let prompt: Vec<u32> = (0..a.prompt_len).map(|_| rng.random_range(0..vocab as u32)).collect();
     let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..a.reps + 1 {
         let mut cache = model.new_cache(1);
@@ -151,14 +151,15 @@ fn bench_generate(a: &BenchGenerateArgs) -> anyhow::Result<()> {
     let bw = kiln_tensor::probe::read_bandwidth_gbs();
     // Bytes one decode step must read: every weight once (the tied head included) and, on
     // average over the generation, the KV cache of half-way through it.
-    let weights = 4.0 * (cfg.num_params() - cfg.block_size * cfg.n_embd) as f64 + 4.0 * (cfg.n_embd) as f64;
+    let weights = model.weight_bytes_per_token() as f64;
     let avg_len = a.prompt_len as f64 + a.gen as f64 / 2.0;
-    let kv = 2.0 * 4.0 * (cfg.n_layer * cfg.n_embd) as f64 * avg_len;
+    let kv = model.new_cache(1).bytes_per_position() as f64 * avg_len;
     let roofline_tps = bw * 1e9 / (weights + kv);
     let decode_tps = (a.gen - 1) as f64 / best_decode;
     let v = serde_json::json!({
         "model": a.ckpt.as_ref().map_or(a.preset.clone(), |p| p.display().to_string()),
-        "params": cfg.num_params(),
+        "model_type": model.model_type(),
+        "params": model.num_params(),
         "prompt_len": a.prompt_len,
         "gen": a.gen,
         "threads": rayon::current_num_threads(),
@@ -177,7 +178,7 @@ fn bench_generate(a: &BenchGenerateArgs) -> anyhow::Result<()> {
         println!(
             "kiln bench generate: {} ({:.2}M params), prompt {} + {} generated, {} threads",
             v["model"].as_str().unwrap_or(""),
-            cfg.num_params() as f64 / 1e6,
+            model.num_params() as f64 / 1e6,
             a.prompt_len,
             a.gen,
             rayon::current_num_threads()

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use kiln_eval::{BleuOptions, BleuTokenize, Smoothing};
 use kiln_tensor::CpuKernels;
-use kiln_train::load_checkpoint;
 
 use crate::{ui, usage};
 
@@ -204,19 +203,18 @@ pub fn run(c: &EvalCmd) -> anyhow::Result<()> {
 }
 
 fn ppl(a: &PplArgs) -> anyhow::Result<()> {
-    let ck = load_checkpoint(&a.ckpt)?;
-    let tok = ck.tokenizer.ok_or_else(|| usage(format!("{} has no tokenizer.json", a.ckpt.display())))?;
-    let mut model = ck.model;
+    let (mut model, tok) = crate::load::model_and_tokenizer(&a.ckpt)?;
     let text =
         std::fs::read_to_string(&a.data).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.data.display()))?;
     let ids = tok.encode(&text)?;
-    let ctx = a.ctx.unwrap_or(model.config.block_size);
+    let ctx = a.ctx.unwrap_or(model.context_len());
     let stride = a.stride.unwrap_or(ctx.div_ceil(2));
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar(ids.len() as u64, "tokens") };
-    let r = kiln_eval::perplexity(&mut model, &CpuKernels::default(), &ids, text.len(), ctx, stride, &mut |d, _| {
-        pb.set_position(d as u64)
-    })
-    .map_err(|e| usage(e.to_string()))?;
+    let r =
+        kiln_eval::perplexity(model.as_mut(), &CpuKernels::default(), &ids, text.len(), ctx, stride, &mut |d, _| {
+            pb.set_position(d as u64)
+        })
+        .map_err(|e| usage(e.to_string()))?;
     pb.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -230,9 +228,7 @@ fn ppl(a: &PplArgs) -> anyhow::Result<()> {
 }
 
 fn task(a: &TaskArgs) -> anyhow::Result<()> {
-    let ck = load_checkpoint(&a.ckpt)?;
-    let tok = ck.tokenizer.ok_or_else(|| usage(format!("{} has no tokenizer.json", a.ckpt.display())))?;
-    let mut model = ck.model;
+    let (mut model, tok) = crate::load::model_and_tokenizer(&a.ckpt)?;
     let mut examples = kiln_eval::read_task(&a.task)?;
     if let Some(n) = a.limit {
         examples.truncate(n);
@@ -240,7 +236,7 @@ fn task(a: &TaskArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar(examples.len() as u64, "examples") };
     let preds = kiln_eval::generate_answers(
-        &mut model,
+        model.as_mut(),
         &CpuKernels::default(),
         &tok,
         &examples,
@@ -289,11 +285,9 @@ fn logits(a: &LogitsArgs) -> anyhow::Result<()> {
         .split(',')
         .map(|s| s.trim().parse::<u32>().map_err(|_| usage(format!("--ids: '{s}' is not a token id"))))
         .collect::<Result<_, _>>()?;
-    let ck = load_checkpoint(&a.ckpt)?;
-    let mut model = ck.model;
-    let (v, vp) = (model.config.vocab_size, model.config.padded_vocab());
-    model.forward(&CpuKernels::default(), &ids, None, 1, ids.len())?;
-    let logits: Vec<f32> = model.logits().expect("forward ran").chunks(vp).flat_map(|r| r[..v].to_vec()).collect();
+    let mut model = crate::load::model(&a.ckpt)?;
+    let v = model.vocab_size();
+    let logits = model.sequence_logits(&CpuKernels::default(), &ids)?;
     let bytes = kiln_model::safetensors_bytes(&[("logits".into(), vec![ids.len(), v], logits)], Some(HashMap::new()))?;
     kiln_model::write_atomic(&a.out, &bytes)?;
     println!("wrote {} ([{}, {v}])", a.out.display(), ids.len());

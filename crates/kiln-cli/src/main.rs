@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod eval;
 mod generate;
+mod load;
 mod prep;
 mod train;
 mod ui;

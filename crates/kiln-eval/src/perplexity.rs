@@ -7,7 +7,7 @@
 //! (llama.cpp's `perplexity` scores only each chunk's second half instead; we do not).
 //! ppl = exp(Σ nll / scored tokens); bits per byte = Σ nll / ln 2 / bytes of text.
 
-use kiln_model::Gpt;
+use kiln_model::CausalLm;
 use kiln_tensor::Kernels;
 use serde::Serialize;
 
@@ -28,7 +28,7 @@ pub struct PplReport {
 
 /// Scores `tokens` (the encoding of a text of `bytes` bytes); `progress(done, total)` in tokens.
 pub fn perplexity(
-    model: &mut Gpt,
+    model: &mut dyn CausalLm,
     k: &dyn Kernels,
     tokens: &[u32],
     bytes: usize,
@@ -40,10 +40,10 @@ pub fn perplexity(
     if n < 2 {
         return Err(EvalError::Perplexity(format!("the text holds {n} token(s); perplexity needs at least 2")));
     }
-    if ctx == 0 || ctx > model.config.block_size {
+    if ctx == 0 || ctx > model.context_len() {
         return Err(EvalError::Perplexity(format!(
             "--ctx must lie in 1..={} (the model's context)",
-            model.config.block_size
+            model.context_len()
         )));
     }
     if stride == 0 || stride > ctx {
@@ -54,8 +54,7 @@ pub fn perplexity(
     while next < n {
         let len = ctx.min(n - 1 - begin);
         let (x, y) = (&tokens[begin..begin + len], &tokens[begin + 1..begin + len + 1]);
-        model.forward(k, x, Some(y), 1, len).map_err(|e| EvalError::Perplexity(e.to_string()))?;
-        let losses = model.losses().expect("forward with targets keeps the losses");
+        let losses = model.sequence_losses(k, x, y).map_err(|e| EvalError::Perplexity(e.to_string()))?;
         for (i, &l) in losses.iter().enumerate() {
             if begin + 1 + i >= next {
                 nll += l as f64;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use kiln_data::Tokenizer;
-use kiln_model::Gpt;
+use kiln_model::CausalLm;
 use kiln_tensor::Kernels;
 use serde::{Deserialize, Serialize};
 
@@ -48,7 +48,7 @@ pub fn read_task(path: &Path) -> Result<Vec<TaskExample>, EvalError> {
 /// a newline, the end-of-text token, `max_new` tokens or the model's context. Returns the trimmed
 /// continuations. `progress(done, total)`.
 pub fn generate_answers(
-    model: &mut Gpt,
+    model: &mut dyn CausalLm,
     k: &dyn Kernels,
     tok: &Tokenizer,
     examples: &[TaskExample],
@@ -57,7 +57,7 @@ pub fn generate_answers(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<String>, EvalError> {
     let err = |e: &dyn std::fmt::Display| EvalError::MetricInput(e.to_string());
-    let (cap, v) = (model.config.block_size, model.config.vocab_size);
+    let (cap, v) = (model.context_len(), model.vocab_size());
     let eot = tok.eot_id();
     let argmax = |l: &[f32]| l.iter().enumerate().fold(0, |b, (j, &x)| if x > l[b] { j } else { b }) as u32;
     let mut answers = Vec::with_capacity(examples.len());

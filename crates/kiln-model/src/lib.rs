@@ -16,7 +16,7 @@ pub use checkpoint::{
 pub use config::{GptConfig, PRESETS};
 pub use gpt::{Gpt, ParamInfo};
 pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, LlamaConfig, LLAMA_PRESETS};
-pub use lm::{CausalLm, KvCache};
+pub use lm::{preset_model, CausalLm, KvCache};
 pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

@@ -301,6 +301,11 @@ impl Llama {
         self.acts.as_ref().map(|a| a.logits.as_slice())
     }
 
+    /// Per-position cross-entropy of the last forward with targets, `[b·t]`.
+    pub fn losses(&self) -> Option<&[f32]> {
+        self.acts.as_ref().filter(|a| a.targets.is_some()).map(|a| a.losses.as_slice())
+    }
+
     /// Backward of the mean loss times `loss_scale`; accumulates into `grads`.
     pub fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
         if self.grads.is_empty() {
@@ -559,6 +564,14 @@ impl CausalLm for Llama {
         let c = self.config.n_embd;
         let table = if self.config.tie_embeddings { 0 } else { self.config.vocab_size * c - c };
         4 * (self.config.num_params() - table)
+    }
+    fn sequence_logits(&mut self, k: &dyn Kernels, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.forward(k, tokens, None, 1, tokens.len())?;
+        Ok(self.logits().expect("forward ran").to_vec())
+    }
+    fn sequence_losses(&mut self, k: &dyn Kernels, tokens: &[u32], targets: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.forward(k, tokens, Some(targets), 1, tokens.len())?;
+        Ok(self.losses().expect("forward with targets keeps the losses").to_vec())
     }
     fn new_cache(&self, batch: usize) -> KvCache {
         KvCache::new(self.config.n_layer, batch, self.config.block_size, self.config.kv_dim())

@@ -30,6 +30,11 @@ impl KvCache {
         }
     }
 
+    /// Bytes one cached position takes over all layers (keys and values).
+    pub fn bytes_per_position(&self) -> usize {
+        2 * 4 * self.k.len() * self.kv_dim
+    }
+
     /// Bytes the cache holds.
     pub fn bytes(&self) -> usize {
         4 * self.k.iter().chain(&self.v).map(|x| x.len()).sum::<usize>()
@@ -95,6 +100,10 @@ pub trait CausalLm: Send {
         seq: usize,
         prompt: &[u32],
     ) -> Result<Vec<f32>, ModelError>;
+    /// Logits `[t, vocab]` at every position of one sequence (no cache involved).
+    fn sequence_logits(&mut self, k: &dyn Kernels, tokens: &[u32]) -> Result<Vec<f32>, ModelError>;
+    /// Cross-entropy `[t]` of `targets[i]` after `tokens[..=i]`, for each position of one sequence.
+    fn sequence_losses(&mut self, k: &dyn Kernels, tokens: &[u32], targets: &[u32]) -> Result<Vec<f32>, ModelError>;
     /// Appends `tokens[i]` to sequence `seqs[i]` and returns the next-token logits
     /// `[seqs.len(), vocab]`. Each sequence must have room (`lens < cap`).
     fn decode(
@@ -104,4 +113,13 @@ pub trait CausalLm: Send {
         seqs: &[usize],
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError>;
+}
+
+/// A model of a named preset (GPT-2 or Llama family) with random weights, seeded.
+pub fn preset_model(name: &str, vocab_size: Option<usize>, seed: u64) -> Result<Box<dyn CausalLm>, ModelError> {
+    if crate::LLAMA_PRESETS.iter().any(|p| p.0 == name) {
+        Ok(Box::new(crate::Llama::new(crate::LlamaConfig::preset(name, vocab_size)?, seed)?))
+    } else {
+        Ok(Box::new(crate::Gpt::new(crate::GptConfig::preset(name, vocab_size)?, seed)?))
+    }
 }

@@ -27,6 +27,15 @@ impl CausalLm for Gpt {
     fn new_cache(&self, batch: usize) -> KvCache {
         Gpt::new_cache(self, batch)
     }
+    fn sequence_logits(&mut self, k: &dyn Kernels, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.forward(k, tokens, None, 1, tokens.len())?;
+        let (v, vp) = (self.config.vocab_size, self.config.padded_vocab());
+        Ok(self.logits().expect("forward ran").chunks(vp).flat_map(|r| r[..v].to_vec()).collect())
+    }
+    fn sequence_losses(&mut self, k: &dyn Kernels, tokens: &[u32], targets: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.forward(k, tokens, Some(targets), 1, tokens.len())?;
+        Ok(self.losses().expect("forward with targets keeps the losses").to_vec())
+    }
     fn prefill(
         &mut self,
         k: &dyn Kernels,
