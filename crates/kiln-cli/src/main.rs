@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod eval;
+mod export;
 mod generate;
 mod load;
 mod prep;
@@ -91,6 +92,8 @@ enum Command {
     Eval(eval::EvalCmd),
     /// One HTML page with loss curves, model, perplexity, task scores, speed and memory.
     Report(ReportArgs),
+    /// Write a checkpoint in another runtime's format: GGUF (f32, f16, q8_0, q4_0) for llama.cpp.
+    Export(export::ExportArgs),
 }
 
 #[derive(Args)]
@@ -213,6 +216,7 @@ fn main() -> ExitCode {
         Command::Bench(c) => bench::run(c),
         Command::Eval(c) => eval::run(c),
         Command::Report(a) => run_report(a),
+        Command::Export(a) => export::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

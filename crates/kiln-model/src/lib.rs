@@ -4,6 +4,7 @@
 
 mod checkpoint;
 mod config;
+mod gguf;
 mod gpt;
 mod llama;
 mod lm;
@@ -14,6 +15,7 @@ pub use checkpoint::{
     resolve_model_dir, safetensors_bytes, save_hf_files, write_atomic, HfTensorNames,
 };
 pub use config::{GptConfig, PRESETS};
+pub use gguf::{dequantize, export_gguf, quantize_q4_0, quantize_q8_0, GgmlType};
 pub use gpt::{Gpt, ParamInfo};
 pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, LlamaConfig, LLAMA_PRESETS};
 pub use lm::{preset_model, CausalLm, KvCache};
