@@ -129,6 +129,7 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 /// Element types the engine moves and reduces.
 trait Elem: Copy + Send + Sync + PartialOrd + std::ops::Add<Output = Self> + std::ops::Div<Output = Self> {
     fn from_usize(n: usize) -> Self;
+    fn is_nan(self) -> bool;
     fn slots(g: &Group) -> &Slots<Self>;
     /// Which slot set this rank uses next for this type (toggles per collective).
     fn next_set(c: &ThreadComm) -> usize;
@@ -137,6 +138,9 @@ trait Elem: Copy + Send + Sync + PartialOrd + std::ops::Add<Output = Self> + std
 impl Elem for f32 {
     fn from_usize(n: usize) -> f32 {
         n as f32
+    }
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
     }
     fn slots(g: &Group) -> &Slots<f32> {
         &g.f32s
@@ -151,6 +155,9 @@ impl Elem for f32 {
 impl Elem for f64 {
     fn from_usize(n: usize) -> f64 {
         n as f64
+    }
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
     }
     fn slots(g: &Group) -> &Slots<f64> {
         &g.f64s
@@ -294,7 +301,7 @@ impl ThreadComm {
                 ReduceOp::Sum | ReduceOp::Mean => out.iter_mut().zip(src).for_each(|(o, &x)| *o = *o + x),
                 // NaN propagates, as in a sum.
                 ReduceOp::Max => out.iter_mut().zip(src).for_each(|(o, &x)| {
-                    if x > *o || x != x {
+                    if x > *o || x.is_nan() {
                         *o = x
                     }
                 }),

@@ -43,6 +43,12 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Metrics JSONL; defaults to `<out>/metrics.jsonl`.
     pub metrics: Option<PathBuf>,
+    /// Data-parallel ranks (threads of this process); `batch` is split over them.
+    pub dp: usize,
+    /// ZeRO stage: 0 (every rank holds all AdamW moments) or 1 (moments sharded over dp).
+    pub zero: u8,
+    /// Seconds a rank waits at a collective before giving up on a stalled peer.
+    pub comm_timeout_s: u64,
 }
 
 impl Default for TrainConfig {
@@ -74,6 +80,9 @@ impl Default for TrainConfig {
             seed: 1337,
             out: PathBuf::from("runs/kiln"),
             metrics: None,
+            dp: 1,
+            zero: 0,
+            comm_timeout_s: 300,
         }
     }
 }
@@ -127,6 +136,21 @@ impl TrainConfig {
         if self.eval_every == 0 {
             return bad("--eval-every must be at least 1");
         }
+        if self.dp == 0 {
+            return bad("--dp must be at least 1");
+        }
+        if !self.batch.is_multiple_of(self.dp) {
+            return Err(TrainError::Config(format!(
+                "--batch {} must be divisible by --dp {}: each rank takes an equal share of every micro-batch",
+                self.batch, self.dp
+            )));
+        }
+        if self.zero > 1 {
+            return bad("--zero must be 0 or 1 (ZeRO-2 and 3 are not implemented)");
+        }
+        if self.comm_timeout_s == 0 {
+            return bad("--comm-timeout must be at least 1 second");
+        }
         Ok(())
     }
 }
@@ -144,5 +168,10 @@ mod tests {
         assert!(TrainConfig::from_toml("steps = -3").is_err());
         let bad = TrainConfig { lr: -1e-3, ..Default::default() };
         assert!(bad.validate().is_err());
+        let odd = TrainConfig { batch: 6, dp: 4, ..Default::default() };
+        assert!(odd.validate().unwrap_err().to_string().contains("divisible by --dp 4"));
+        assert!(TrainConfig { zero: 2, dp: 2, ..Default::default() }.validate().is_err());
+        // Configs saved before data parallelism existed still load, as dp = 1.
+        assert_eq!(TrainConfig::from_toml("steps = 3").unwrap().dp, 1);
     }
 }

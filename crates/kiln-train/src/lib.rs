@@ -1,16 +1,18 @@
 //! kiln-train: the training loop around a model: AdamW with warmup and cosine decay,
 //! global-norm clipping, gradient accumulation, periodic evaluation and samples, and
-//! checkpoints that resume bit-identically.
+//! checkpoints that resume bit-identically; data parallelism and ZeRO-1 over `kiln-comm`.
 
 pub mod bench;
 mod checkpoint;
 mod config;
 mod optim;
+mod parallel;
 mod trainer;
 
 pub use checkpoint::{load_checkpoint, resolve_checkpoint_dir, save_checkpoint, Checkpoint, TrainingState};
 pub use config::TrainConfig;
 pub use optim::{lr_at, AdamW};
+pub use parallel::{bench_data_parallel, DpBench};
 pub use trainer::{evaluate, Event, StepMetrics, Trainer};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,4 +29,10 @@ pub enum TrainError {
     Io { path: String, source: std::io::Error },
     #[error("training diverged: loss is {loss} at step {step}")]
     Diverged { step: u64, loss: f32 },
+    #[error("data parallel: {0}")]
+    Comm(#[from] kiln_comm::CommError),
+    #[error("data parallel: rank {rank} panicked: {msg}")]
+    RankPanicked { rank: usize, msg: String },
+    #[error("data parallel: {0}")]
+    Parallel(String),
 }

@@ -20,6 +20,7 @@ pub fn lr_at(step: u64, cfg: &TrainConfig) -> f32 {
 }
 
 /// AdamW moments, one pair of buffers per parameter tensor, and the step count.
+#[derive(Clone, Debug)]
 pub struct AdamW {
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
@@ -45,22 +46,41 @@ impl AdamW {
     /// before clipping.
     pub fn step(&mut self, model: &mut Gpt, k: &dyn Kernels, lr: f32, cfg: &TrainConfig) -> f32 {
         let norm = Self::grad_norm(model, k);
-        let grad_scale = if cfg.grad_clip > 0.0 { (cfg.grad_clip / (norm + 1e-6)).min(1.0) } else { 1.0 };
+        let grad_scale = clip_scale(cfg, norm);
         self.t += 1;
         let info = model.param_info().to_vec();
         for (i, p) in model.params.iter_mut().enumerate() {
-            let s = AdamWStep {
-                lr,
-                beta1: cfg.beta1,
-                beta2: cfg.beta2,
-                eps: cfg.eps,
-                weight_decay: if info[i].decay { cfg.weight_decay } else { 0.0 },
-                t: self.t,
-                grad_scale,
-            };
+            let s = step_params(cfg, lr, info[i].decay, self.t, grad_scale);
             k.adamw_update(p, &model.grads[i], &mut self.m[i], &mut self.v[i], &s);
         }
         norm
+    }
+
+    /// Bytes held by the moments.
+    pub fn memory_bytes(&self) -> usize {
+        self.m.iter().chain(&self.v).map(|x| x.len() * 4).sum()
+    }
+}
+
+/// The factor `clip_grad_norm_` multiplies the gradients by.
+pub(crate) fn clip_scale(cfg: &TrainConfig, norm: f32) -> f32 {
+    if cfg.grad_clip > 0.0 {
+        (cfg.grad_clip / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// The AdamW step for one tensor (or a shard of one): decay applies to 2-D tensors only.
+pub(crate) fn step_params(cfg: &TrainConfig, lr: f32, decay: bool, t: u64, grad_scale: f32) -> AdamWStep {
+    AdamWStep {
+        lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: if decay { cfg.weight_decay } else { 0.0 },
+        t,
+        grad_scale,
     }
 }
 

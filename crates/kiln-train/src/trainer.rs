@@ -3,14 +3,16 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
-use kiln_data::{eval_batches, BatchSampler, Dataset, Tokenizer};
+use kiln_data::{eval_batches, BatchSampler, Dataset, SamplerState, Tokenizer};
 use kiln_model::{generate, Gpt, GptConfig, SamplingParams};
 use kiln_tensor::Kernels;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::parallel::{run_data_parallel, DpRank};
 use crate::{lr_at, save_checkpoint, AdamW, Checkpoint, TrainConfig, TrainError, TrainingState};
 
 #[derive(Clone, Debug, Serialize)]
@@ -53,9 +55,17 @@ pub struct Trainer {
     pub opt: AdamW,
     pub tokenizer: Tokenizer,
     pub step: u64,
-    data: Dataset,
+    pub(crate) data: Arc<Dataset>,
     sampler: BatchSampler,
-    kernels: Box<dyn Kernels>,
+    pub(crate) kernels: Arc<dyn Kernels>,
+    /// Rank 0's side of a data-parallel run, while one is in progress.
+    pub(crate) dp: Option<DpRank>,
+}
+
+/// Whether a checkpoint is written after step `step` of a run that stops at `stop`; every
+/// data-parallel rank asks, because ZeRO-1 gathers the moments for it.
+pub(crate) fn checkpoint_due(step: u64, stop: u64, cfg: &TrainConfig) -> bool {
+    step == stop || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every))
 }
 
 impl Trainer {
@@ -82,7 +92,17 @@ impl Trainer {
         let model = Gpt::new(mc, cfg.seed)?;
         let opt = AdamW::new(&model);
         let sampler = BatchSampler::new(cfg.seed, cfg.batch, cfg.seq);
-        let t = Trainer { cfg, model, opt, tokenizer, step: 0, data, sampler, kernels };
+        let t = Trainer {
+            cfg,
+            model,
+            opt,
+            tokenizer,
+            step: 0,
+            data: Arc::new(data),
+            sampler,
+            kernels: Arc::from(kernels),
+            dp: None,
+        };
         t.check_fit()?;
         Ok(t)
     }
@@ -103,7 +123,17 @@ impl Trainer {
         let tokenizer =
             ck.tokenizer.ok_or_else(|| TrainError::Config("the checkpoint has no tokenizer.json".into()))?;
         let sampler = BatchSampler::from_state(state.sampler, cfg.batch, cfg.seq);
-        let t = Trainer { cfg, model: ck.model, opt, tokenizer, step: state.step, data, sampler, kernels };
+        let t = Trainer {
+            cfg,
+            model: ck.model,
+            opt,
+            tokenizer,
+            step: state.step,
+            data: Arc::new(data),
+            sampler,
+            kernels: Arc::from(kernels),
+            dp: None,
+        };
         t.check_fit()?;
         Ok(t)
     }
@@ -143,12 +173,64 @@ impl Trainer {
         TrainingState { step: self.step, sampler: self.sampler.state(), config: self.cfg.clone() }
     }
 
+    pub(crate) fn sampler_state(&self) -> SamplerState {
+        self.sampler.state()
+    }
+
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.cfg.out.join("checkpoint")
     }
 
     pub fn save(&self) -> Result<(), TrainError> {
+        if self.opt.m.len() != self.model.params.len() {
+            return Err(TrainError::Parallel(
+                "the AdamW moments were sharded over ranks of a data-parallel run that failed: nothing to save".into(),
+            ));
+        }
         save_checkpoint(&self.checkpoint_dir(), &self.model, &self.opt, &self.state(), &self.tokenizer)
+    }
+
+    /// `save`, gathering the moments first when ZeRO-1 holds them sharded (a collective).
+    fn save_now(&mut self) -> Result<(), TrainError> {
+        let state = self.state();
+        match self.dp.as_mut() {
+            Some(rank) if rank.is_zero() => {
+                let full = rank.gather_moments(&self.model, true)?.expect("kept");
+                save_checkpoint(&self.checkpoint_dir(), &self.model, &full, &state, &self.tokenizer)
+            }
+            _ => self.save(),
+        }
+    }
+
+    /// Ends a data-parallel run: under ZeRO-1 the moments come back to `self.opt`.
+    pub(crate) fn finish_data_parallel(&mut self) -> Result<(), TrainError> {
+        if let Some(full) = self.dp.as_mut().map(|r| r.gather_moments(&self.model, true)).transpose()?.flatten() {
+            self.opt = full;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches: (mean loss, gradient norm).
+    fn train_step(&mut self, lr: f32) -> Result<(f32, f32), TrainError> {
+        let cfg = &self.cfg;
+        if let Some(rank) = self.dp.as_mut() {
+            let (data, sampler) = (&self.data, &mut self.sampler);
+            let mut next =
+                |x: &mut [u32], y: &mut [u32]| sampler.next_batch(&data.train, x, y).map_err(TrainError::from);
+            return rank.step(&mut self.model, &mut self.opt, self.kernels.as_ref(), cfg, lr, &mut next);
+        }
+        let (b, t) = (cfg.batch, cfg.seq);
+        let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+        self.model.zero_grad();
+        let mut loss = 0.0f64;
+        for _ in 0..cfg.grad_accum {
+            self.sampler.next_batch(&self.data.train, &mut x, &mut y)?;
+            let l = self.model.forward(self.kernels.as_ref(), &x, Some(&y), b, t)?.expect("targets given");
+            self.model.backward(self.kernels.as_ref(), 1.0 / cfg.grad_accum as f32)?;
+            loss += l as f64 / cfg.grad_accum as f64;
+        }
+        let grad_norm = self.opt.step(&mut self.model, self.kernels.as_ref(), lr, cfg);
+        Ok((loss as f32, grad_norm))
     }
 
     /// A few lines of text from the model, seeded by the step so they never disturb training.
@@ -180,6 +262,15 @@ impl Trainer {
     /// Runs until step `stop` (at most `cfg.steps`) and checkpoints there: a run stopped at k
     /// and resumed continues exactly as if it had never stopped.
     pub fn run_until(&mut self, stop: u64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        self.cfg.validate()?;
+        if self.cfg.dp > 1 {
+            return run_data_parallel(self, stop, on_event);
+        }
+        self.run_loop(stop, on_event)
+    }
+
+    /// The loop of rank 0 (or of the only rank): steps, metrics, evaluation, checkpoints.
+    pub(crate) fn run_loop(&mut self, stop: u64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let stop = stop.min(self.cfg.steps);
         let cfg = self.cfg.clone();
         let (b, t) = (cfg.batch, cfg.seq);
@@ -200,22 +291,12 @@ impl Trainer {
             params: self.model.config.num_params(),
         });
 
-        let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
         while self.step < stop {
             let start = Instant::now();
             let lr = lr_at(self.step, &cfg);
-            self.model.zero_grad();
-            let mut loss = 0.0f64;
-            for _ in 0..cfg.grad_accum {
-                self.sampler.next_batch(&self.data.train, &mut x, &mut y)?;
-                let l = self.model.forward(self.kernels.as_ref(), &x, Some(&y), b, t)?.expect("targets given");
-                self.model.backward(self.kernels.as_ref(), 1.0 / cfg.grad_accum as f32)?;
-                loss += l as f64 / cfg.grad_accum as f64;
-            }
-            let grad_norm = self.opt.step(&mut self.model, self.kernels.as_ref(), lr, &cfg);
+            let (loss, grad_norm) = self.train_step(lr)?;
             self.step += 1;
             let secs = start.elapsed().as_secs_f64();
-            let loss = loss as f32;
             if !loss.is_finite() {
                 return Err(TrainError::Diverged { step: self.step, loss });
             }
@@ -228,7 +309,6 @@ impl Trainer {
                 step_ms: secs * 1e3,
                 val_loss: None,
             };
-            let last = self.step == stop;
             let mut samples = Vec::new();
             if !val.is_empty() && (self.step.is_multiple_of(cfg.eval_every) || self.step == cfg.steps) {
                 m.val_loss = Some(evaluate(&mut self.model, self.kernels.as_ref(), &val, b, t)?);
@@ -241,8 +321,8 @@ impl Trainer {
             if let Some(v) = m.val_loss {
                 on_event(Event::Eval { step: self.step, val_loss: v, samples: &samples });
             }
-            if last || (cfg.checkpoint_every > 0 && self.step.is_multiple_of(cfg.checkpoint_every)) {
-                self.save()?;
+            if checkpoint_due(self.step, stop, &cfg) {
+                self.save_now()?;
                 on_event(Event::Checkpoint { step: self.step, path: &self.checkpoint_dir() });
             }
         }

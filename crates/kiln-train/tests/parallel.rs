@@ -1,0 +1,182 @@
+//! Data parallelism and ZeRO-1 against the single-rank run with the same global batch, and
+//! checkpoints that move between plans.
+//!
+//! Bound: 1e-5 relative on every loss. The ranks sum the same products in a different order
+//! (each GEMM reduces over half the rows, then the halves are added; the loss is a mean of
+//! per-rank means), which changes gradients by a few f32 ulps (~1e-7 relative); ten AdamW steps
+//! keep that far below 1e-5 because the update is normalised by the second moment.
+
+use std::path::{Path, PathBuf};
+
+use kiln_data::{synthetic, Dataset, PrepareOptions, Tokenizer};
+use kiln_tensor::{CpuKernels, Kernels};
+use kiln_train::{load_checkpoint, TrainConfig, Trainer};
+
+const BOUND: f64 = 1e-5;
+
+fn prepare(dir: &Path) -> (Tokenizer, PathBuf) {
+    let corpus = dir.join("corpus.txt");
+    synthetic::write_corpus(5, 60_000, &corpus).unwrap();
+    let tok = Tokenizer::train_bpe(std::slice::from_ref(&corpus), 300).unwrap();
+    let data = dir.join("data");
+    let opts = PrepareOptions { val_fraction: 0.1, ..Default::default() };
+    kiln_data::prepare(&[corpus.display().to_string()], &tok, &data, &opts, &mut |_, _| {}).unwrap();
+    (tok, data)
+}
+
+fn base_cfg(dir: &Path, name: &str) -> TrainConfig {
+    TrainConfig {
+        preset: "gpt-tiny".into(),
+        steps: 10,
+        batch: 4,
+        seq: 32,
+        lr: 3e-3,
+        warmup_steps: 2,
+        eval_every: 5,
+        eval_batches: 2,
+        sample_tokens: 0,
+        seed: 21,
+        out: dir.join(name),
+        comm_timeout_s: 60,
+        ..Default::default()
+    }
+}
+
+fn kern() -> Box<dyn Kernels> {
+    Box::new(CpuKernels::default())
+}
+
+/// (step, loss, val_loss) of every line of a run's metrics.
+fn curve(cfg: &TrainConfig) -> Vec<(u64, f32, Option<f32>)> {
+    std::fs::read_to_string(cfg.metrics_path())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap() as f32, v["val_loss"].as_f64().map(|x| x as f32))
+        })
+        .collect()
+}
+
+fn run(cfg: &TrainConfig, tok: &Tokenizer, data: &Path) -> Vec<(u64, f32, Option<f32>)> {
+    let mut t = Trainer::new(cfg.clone(), tok.clone(), Dataset::open(data).unwrap(), kern()).unwrap();
+    t.run(&mut |_| {}).unwrap();
+    curve(cfg)
+}
+
+fn assert_close(what: &str, got: &[(u64, f32, Option<f32>)], want: &[(u64, f32, Option<f32>)]) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
+    let mut worst = 0.0f64;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.0, w.0);
+        let rel = ((g.1 as f64 - w.1 as f64) / w.1 as f64).abs();
+        worst = worst.max(rel);
+        assert!(rel < BOUND, "{what}: step {} loss {} vs single rank {} (rel {rel:e})", g.0, g.1, w.1);
+        match (g.2, w.2) {
+            (Some(a), Some(b)) => assert!(((a - b) / b).abs() < BOUND as f32, "{what}: val loss {a} vs {b}"),
+            (None, None) => {}
+            other => panic!("{what}: val loss presence differs at step {}: {other:?}", g.0),
+        }
+    }
+    eprintln!("{what}: 10 losses within {worst:.2e} relative of the single-rank run");
+}
+
+#[test]
+fn data_parallel_and_zero1_match_the_single_rank_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let single = run(&base_cfg(tmp.path(), "single"), &tok, &data);
+    assert!(single[9].1 < single[0].1, "loss did not fall: {single:?}");
+
+    let dp2 = TrainConfig { dp: 2, ..base_cfg(tmp.path(), "dp2") };
+    assert_close("dp=2", &run(&dp2, &tok, &data), &single);
+    let zero = TrainConfig { dp: 2, zero: 1, ..base_cfg(tmp.path(), "zero") };
+    assert_close("dp=2 ZeRO-1", &run(&zero, &tok, &data), &single);
+    let dp4 = TrainConfig { dp: 4, zero: 1, ..base_cfg(tmp.path(), "dp4") };
+    assert_close("dp=4 ZeRO-1", &run(&dp4, &tok, &data), &single);
+
+    let accum = |name: &str, dp| TrainConfig { grad_accum: 2, dp, ..base_cfg(tmp.path(), name) };
+    let single_acc = run(&accum("single-acc", 1), &tok, &data);
+    assert_close("dp=2 grad-accum 2", &run(&accum("dp2-acc", 2), &tok, &data), &single_acc);
+}
+
+/// The same on a small gpt-s-shaped model (more layers and a wider residual stream), with the
+/// moments compared after the run as well.
+#[test]
+fn zero1_matches_on_a_small_gpt_s_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let shape = |name: &str, dp, zero| TrainConfig {
+        preset: "gpt-s".into(),
+        n_layer: Some(3),
+        n_embd: Some(96),
+        n_head: Some(6),
+        context: Some(64),
+        batch: 4,
+        seq: 48,
+        dp,
+        zero,
+        ..base_cfg(tmp.path(), name)
+    };
+    let mut one = Trainer::new(shape("one", 1, 0), tok.clone(), Dataset::open(&data).unwrap(), kern()).unwrap();
+    one.run(&mut |_| {}).unwrap();
+    let mut two = Trainer::new(shape("two", 2, 1), tok.clone(), Dataset::open(&data).unwrap(), kern()).unwrap();
+    two.run(&mut |_| {}).unwrap();
+    assert_close("gpt-s shape dp=2 ZeRO-1", &curve(&two.cfg), &curve(&one.cfg));
+    // The gathered moments are whole again and agree with the single rank's.
+    assert_eq!(two.opt.t, one.opt.t);
+    for (i, info) in one.model.param_info().iter().enumerate() {
+        let n: usize = info.shape.iter().product();
+        let (a, b) = (&two.opt.v[i][..n], &one.opt.v[i][..n]);
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().max(1e-30);
+        assert!((num / den).sqrt() < 1e-4, "{}: second moment differs by {:e}", info.name, (num / den).sqrt());
+    }
+}
+
+/// A checkpoint written under dp=2 with ZeRO-1 resumes under dp=1 (and one written under dp=1
+/// resumes under dp=2), continuing the uninterrupted single-rank curve.
+#[test]
+fn checkpoints_move_between_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let single = run(&base_cfg(tmp.path(), "single"), &tok, &data);
+
+    for (name, first, then) in [("2to1", (2, 1), (1, 0)), ("1to2", (1, 0), (2, 1))] {
+        let cfg = TrainConfig { dp: first.0, zero: first.1, ..base_cfg(tmp.path(), name) };
+        let mut part = Trainer::new(cfg.clone(), tok.clone(), Dataset::open(&data).unwrap(), kern()).unwrap();
+        part.run_until(5, &mut |_| {}).unwrap();
+        drop(part);
+        let ck = load_checkpoint(&cfg.out).unwrap();
+        let resumed_cfg = TrainConfig { dp: then.0, zero: then.1, ..cfg.clone() };
+        let mut resumed = Trainer::resume(ck, resumed_cfg, Dataset::open(&data).unwrap(), kern()).unwrap();
+        assert_eq!(resumed.step, 5);
+        resumed.run(&mut |_| {}).unwrap();
+        assert_close(&format!("resume {name}"), &curve(&cfg), &single);
+    }
+}
+
+#[test]
+fn a_batch_that_does_not_split_is_a_configuration_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let cfg = TrainConfig { dp: 3, ..base_cfg(tmp.path(), "bad") };
+    let err = Trainer::new(cfg, tok, Dataset::open(&data).unwrap(), kern()).err().expect("batch 4 over 3 ranks");
+    assert!(matches!(err, kiln_train::TrainError::Config(_)), "{err}");
+    assert!(err.to_string().contains("divisible by --dp 3"), "{err}");
+}
+
+/// Rank 0 fails (its metrics file cannot be opened): the run ends with that error, promptly,
+/// instead of the other rank waiting out its timeout.
+#[test]
+fn a_failing_rank_ends_the_run_with_its_own_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let cfg = TrainConfig { dp: 2, zero: 1, metrics: Some(tmp.path().to_path_buf()), ..base_cfg(tmp.path(), "fail") };
+    let mut t = Trainer::new(cfg, tok, Dataset::open(&data).unwrap(), kern()).unwrap();
+    let start = std::time::Instant::now();
+    let err = t.run(&mut |_| {}).unwrap_err();
+    assert!(matches!(err, kiln_train::TrainError::Io { .. }), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(30), "took {:?}", start.elapsed());
+    assert!(t.save().is_err(), "the moments are gone: save must refuse, not panic");
+}
