@@ -37,6 +37,11 @@ pub fn num(x: f64) -> String {
     }
 }
 
+/// An integer with thousands separators.
+pub fn int(x: u64) -> String {
+    num(x as f64).split('.').next().unwrap_or("").to_string()
+}
+
 /// Joules in the unit a reader expects (mJ / µJ for small values).
 pub fn joules(j: f64) -> String {
     if j >= 1.0 {
@@ -149,7 +154,7 @@ pub fn render_table(e: &Estimate) -> String {
                 o.name,
                 o.shape,
                 o.dataflow,
-                if o.folds > 0 { num(o.folds as f64) } else { "-".into() },
+                if o.folds > 0 { int(o.folds) } else { "-".into() },
                 num(o.time_s * 1e6),
                 if o.macs > 0.0 { format!("{:.1}%", o.utilization * 100.0) } else { "-".into() },
                 format!("{:?}", o.bound).to_lowercase()
@@ -340,7 +345,7 @@ pub fn render_html(es: &[Estimate], title: &str) -> String {
         }
         let _ = write!(s, "</ul>");
     }
-    let _ = write!(s, "</body></html>\n");
+    let _ = writeln!(s, "</body></html>");
     s
 }
 
@@ -357,6 +362,46 @@ pub fn to_json(es: &[Estimate]) -> serde_json::Value {
 mod tests {
     use super::*;
 
+    fn sample() -> Vec<Estimate> {
+        let s = crate::ModelShape::preset("gpt-tiny").unwrap();
+        let w = crate::Workload { batch: 1, prompt_len: 16, gen: 8, logits_all_positions: false };
+        ["tpu-v1", "u250-dataflow"]
+            .iter()
+            .map(|n| {
+                let t = crate::load_target(n).unwrap();
+                crate::estimate(&t, &s, t.default_precision, w).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn json_has_the_promised_fields() {
+        let es = sample();
+        let one = to_json(&es[..1]);
+        for k in ["prefill_tokens_per_s", "decode_tokens_per_s", "latency_ms", "energy_per_token_j", "fits", "layers"] {
+            assert!(one.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(one["layers"].as_array().unwrap().len(), 2 + 2); // embed, 2 blocks, head
+        assert!(one["assumptions"].as_array().unwrap().len() > 3);
+        assert_eq!(to_json(&es)["targets"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn html_and_markdown_carry_chart_and_assumptions() {
+        let es = sample();
+        let html = render_html(&es, "t <x>");
+        assert!(html.contains("<svg") && html.contains("Assumptions") && html.contains("t &lt;x&gt;"));
+        assert!(html.contains(&html_escape(&es[0].assumptions[0])));
+        assert_eq!(html.matches("<svg").count(), 2);
+        let md = render_markdown(&es);
+        assert!(md.contains("| tpu-v1 |") && md.contains("assumptions:"));
+        let cmp = render_compare(&es);
+        assert!(cmp.contains("u250-dataflow") && cmp.contains("tpu-v1"));
+        assert!(
+            render_table(&es[0]).contains("tried:") || es[0].decode.ops.iter().all(|o| o.alternatives_us.is_empty())
+        );
+    }
+
     #[test]
     fn numbers_are_grouped() {
         assert_eq!(num(1234567.0), "1,234,567");
@@ -365,5 +410,7 @@ mod tests {
         assert_eq!(num(0.01234), "0.012");
         assert_eq!(num(f64::INFINITY), "n/a");
         assert_eq!(joules(0.002), "2.00 mJ");
+        assert_eq!(int(10), "10");
+        assert_eq!(int(1_234_567), "1,234,567");
     }
 }

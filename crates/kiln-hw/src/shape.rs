@@ -78,14 +78,30 @@ impl ModelShape {
         }
     }
 
-    /// kiln-model's GPT presets, plus `llama-s`.
+    /// kiln-model's GPT presets, plus the Llama presets of DESIGN.md (kept here so that they
+    /// map whether or not kiln-model runs them yet).
     pub fn preset(name: &str) -> Result<ModelShape> {
-        if name == "llama-s" {
-            return Ok(ModelShape::llama_s());
+        match name {
+            "llama-s" => return Ok(ModelShape::llama_s()),
+            "llama-tiny" => {
+                let s = ModelShape::llama_s();
+                return Ok(ModelShape {
+                    name: name.into(),
+                    layers: 2,
+                    d_model: 64,
+                    heads: 4,
+                    kv_heads: 2,
+                    ffn_hidden: 176,
+                    vocab: 512,
+                    context: 64,
+                    ..s
+                });
+            }
+            _ => {}
         }
-        let c = kiln_model::GptConfig::preset(name, None).map_err(|e| {
+        let c = kiln_model::GptConfig::preset(name, None).map_err(|_| {
             let names: Vec<&str> = kiln_model::PRESETS.iter().map(|p| p.0).collect();
-            HwError::Shape(format!("{e} (presets: {}, llama-s)", names.join(", ")))
+            HwError::Shape(format!("unknown preset '{name}' (presets: {}, llama-tiny, llama-s)", names.join(", ")))
         })?;
         Ok(ModelShape::from_gpt(name, &c))
     }
