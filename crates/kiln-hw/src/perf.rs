@@ -753,6 +753,19 @@ mod tests {
     }
 
     #[test]
+    fn gpu_pads_decode_rows_to_whole_tiles() {
+        let t = load_target("h100-sxm").unwrap();
+        let e = estimate(&t, &gpt("gpt2-124m"), Precision::Bf16, w(1, 64, 64)).unwrap();
+        let up = e.decode.ops.iter().find(|o| o.layer == "block 0" && o.name == "mlp up").unwrap();
+        // One row padded to a 64×128 tile: 64 × 3072 × 768 MACs at 70% of 270,336 MAC/cycle × 1.83 GHz.
+        let want = 64.0 * 3072.0 * 768.0 / (270_336.0 * 1.83e9 * 0.7);
+        assert!((up.compute_s - want).abs() < 1e-12 * want.max(1.0) + 1e-15, "{} vs {want}", up.compute_s);
+        // ...and still memory-bound: 4.7 MB of bf16 weights over 2.68 TB/s takes longer.
+        assert_eq!(up.bound, Bound::Memory);
+        assert_eq!(up.dataflow, "tiled");
+    }
+
+    #[test]
     fn bad_requests_are_errors_not_panics() {
         let t = load_target("tpu-v1").unwrap();
         let s = gpt("gpt-s");

@@ -511,6 +511,22 @@ mod tests {
     }
 
     #[test]
+    fn user_files_load_by_path() {
+        let dir = std::env::temp_dir().join(format!("kiln-hw-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("mine.toml");
+        let text = BUILTINS.iter().find(|b| b.0 == "edge-npu").unwrap().1.replace("\"edge-npu\"", "\"mine\"");
+        std::fs::write(&p, text).unwrap();
+        let t = load_target(p.to_str().unwrap()).unwrap();
+        assert_eq!(t.name, "mine");
+        // An FPGA kind without its budgets is refused with the reason.
+        std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("asic-npu", "systolic-fpga")).unwrap();
+        let e = load_target(p.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("[fpga]"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn probe_fills_cpu_peaks() {
         let mut t = load_target("cpu-dev").unwrap();
         t.apply_probe(200.0, 20.0).unwrap();
