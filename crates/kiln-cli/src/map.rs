@@ -49,10 +49,8 @@ pub struct MapArgs {
 }
 
 fn load(name: &str, probe: bool) -> anyhow::Result<Target> {
-    let mut t = kiln_hw::load_target(name).map_err(|e| match e {
-        kiln_hw::HwError::Io { .. } => anyhow::Error::from(e),
-        other => usage(other.to_string()),
-    })?;
+    // A target that cannot be found or read is a bad flag: rejected before any work (exit 2).
+    let mut t = kiln_hw::load_target(name).map_err(|e| usage(e.to_string()))?;
     if t.probe && probe {
         t.apply_probe(kiln_tensor::probe::f32_peak_gflops(), kiln_tensor::probe::read_bandwidth_gbs())?;
     }
@@ -109,8 +107,11 @@ pub fn run(a: &MapArgs) -> anyhow::Result<()> {
         let t = load(n, !a.no_probe)?;
         let p = precision.unwrap_or(t.default_precision);
         if names.len() > 1 && !t.supports(p) {
-            // In a comparison, a target without the asked precision runs its own instead (said in the table).
-            estimates.push(kiln_hw::estimate(&t, &shape, t.default_precision, w).map_err(|e| usage(e.to_string()))?);
+            // In a comparison, a target without the asked precision runs its own (and says so).
+            let mut e = kiln_hw::estimate(&t, &shape, t.default_precision, w).map_err(|e| usage(e.to_string()))?;
+            e.assumptions
+                .insert(0, format!("{p} was asked for but {} lacks it: ran at {}", t.name, t.default_precision));
+            estimates.push(e);
             continue;
         }
         estimates.push(kiln_hw::estimate(&t, &shape, p, w).map_err(|e| usage(e.to_string()))?);
