@@ -206,6 +206,10 @@ mod tests {
             (g(100, 30, 50), 8, 16, Dataflow::Os, 1871),
             (g(100, 30, 50), 8, 16, Dataflow::Ws, 1819),
             (g(100, 30, 50), 8, 16, Dataflow::Is, 2939),
+            (g(1, 384, 384), 16, 16, Dataflow::Ws, 27071),
+            (g(1, 384, 384), 16, 16, Dataflow::Os, 9935),
+            (g(1, 384, 384), 16, 16, Dataflow::Is, 10319),
+            (g(256, 96, 200), 64, 16, Dataflow::Is, 15231),
         ];
         for &(gm, r, c, df, scalesim) in cases {
             let ours = fold_cycles(gm, r, c, df).cycles;
