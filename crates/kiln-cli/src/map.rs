@@ -74,13 +74,17 @@ pub fn run(a: &MapArgs) -> anyhow::Result<()> {
     }
     let shape = match (&a.preset, &a.ckpt) {
         (Some(p), None) => ModelShape::preset(p).map_err(|e| usage(e.to_string()))?,
-        (None, Some(dir)) => {
-            let dir = kiln_model::resolve_model_dir(dir);
+        (None, Some(given)) => {
+            let dir = kiln_model::resolve_model_dir(given);
             let cfg = dir.join("config.json");
             if !cfg.is_file() {
                 return Err(usage(format!("{}: no checkpoint here (config.json missing)", dir.display())));
             }
-            let name = dir.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().to_string());
+            // Name the model after the directory the user gave (a run directory, not its checkpoint/).
+            let name = std::fs::canonicalize(given)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+                .unwrap_or_else(|| "checkpoint".into());
             ModelShape::from_hf_config(&cfg, &name).map_err(|e| usage(e.to_string()))?
         }
         _ => return Err(usage("give --preset NAME or --ckpt DIR (or --list-targets)")),
