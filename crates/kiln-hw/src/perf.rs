@@ -766,6 +766,21 @@ mod tests {
     }
 
     #[test]
+    fn double_buffering_overlaps_memory_and_compute() {
+        let mut t = load_target("u250-systolic").unwrap();
+        let s = gpt("gpt-s");
+        let dbl = estimate(&t, &s, Precision::Int8, w(4, 64, 16)).unwrap();
+        t.buffers.double_buffered = false;
+        let single = estimate(&t, &s, Precision::Int8, w(4, 64, 16)).unwrap();
+        assert!(single.decode.time_s > dbl.decode.time_s);
+        for (a, b) in dbl.decode.ops.iter().zip(&single.decode.ops).filter(|(a, _)| a.macs > 0.0) {
+            assert!(a.time_s >= a.compute_s.max(a.memory_s) && a.time_s <= b.time_s, "{}", a.name);
+            assert!((b.time_s - (b.compute_s + b.memory_s)).abs() <= 1e-12, "{}", b.name);
+        }
+        assert!(single.assumptions.iter().any(|a| a.contains("single buffered")));
+    }
+
+    #[test]
     fn bad_requests_are_errors_not_panics() {
         let t = load_target("tpu-v1").unwrap();
         let s = gpt("gpt-s");
