@@ -63,10 +63,20 @@ impl Workload {
         if self.batch == 0 || self.prompt_len == 0 {
             return Err(HwError::Shape("batch and prompt length must be at least 1".into()));
         }
-        if self.prompt_len + self.gen > s.context {
+        if self.prompt_len.saturating_add(self.gen) > s.context {
             return Err(HwError::Shape(format!(
                 "prompt {} + generated {} exceeds the model's context of {}",
                 self.prompt_len, self.gen, s.context
+            )));
+        }
+        // Keep every element count far inside u64 (no overflow on absurd requests).
+        let biggest = self.batch as f64 * s.heads as f64 * ((self.prompt_len + self.gen) as f64).powi(2);
+        let width = s.ffn_hidden.max(s.vocab).max(3 * s.d_model) as f64;
+        let widest = self.batch as f64 * (self.prompt_len as f64) * width;
+        if biggest > 1e15 || widest > 1e15 {
+            return Err(HwError::Shape(format!(
+                "batch {} x prompt {} x generate {} is too large to model",
+                self.batch, self.prompt_len, self.gen
             )));
         }
         Ok(())
@@ -206,5 +216,14 @@ mod tests {
             _ => 0,
         };
         assert_eq!((head(&last), head(&all)), (2, 16));
+    }
+
+    #[test]
+    fn absurd_workloads_are_refused() {
+        let s = ModelShape { context: 1 << 30, ..ModelShape::preset("gpt-s").unwrap() };
+        let w = Workload { batch: 1 << 20, prompt_len: 1 << 20, gen: 0, logits_all_positions: false };
+        assert!(w.validate(&s).unwrap_err().to_string().contains("too large"));
+        let w = Workload { batch: 1, prompt_len: 8, gen: u64::MAX, logits_all_positions: false };
+        assert!(w.validate(&s).is_err());
     }
 }

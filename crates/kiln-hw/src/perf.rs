@@ -182,7 +182,8 @@ impl Ctx<'_> {
             b_on_chip: if b_is_weight { false } else { !b_kv && act_fits },
             out_on_chip: act_fits,
         };
-        let macs = (g.m * g.n * g.k * count) as f64;
+        // f64 products: element counts of large workloads overflow u64.
+        let macs = g.m as f64 * g.n as f64 * g.k as f64 * count as f64;
         let rate = t.array.macs_per_cycle.get(self.p).unwrap_or(1.0) * t.clock_hz() * t.efficiency.compute;
         let shape = if count > 1 {
             format!("{}×{}×{} ×{count}", g.m, g.n, g.k)
@@ -197,7 +198,7 @@ impl Ctx<'_> {
             let per_pe = t.array.macs_per_cycle.get(self.p).unwrap_or(1.0) / (r * c) as f64;
             for &df in &t.array.dataflows {
                 let f = fold_cycles(g, r, c, df);
-                let compute = (f.cycles * count) as f64 / per_pe / t.clock_hz() / t.efficiency.compute;
+                let compute = f.cycles as f64 * count as f64 / per_pe / t.clock_hz() / t.efficiency.compute;
                 let tr = traffic(g, r, c, df, self.buf, operands);
                 let dram = tr.dram() * count as f64;
                 let time = self.overlap(compute, dram / self.bw(), tr.first_tile / self.bw());
@@ -207,7 +208,7 @@ impl Ctx<'_> {
                     Some((bt, _, btr, _, _)) => time < bt * (1.0 - 1e-9) || (time <= *bt && tr.dram() < btr.dram()),
                 };
                 if better {
-                    best = Some((time, df, tr, compute, f.row_folds * f.col_folds * count));
+                    best = Some((time, df, tr, compute, f.row_folds.saturating_mul(f.col_folds).saturating_mul(count)));
                 }
             }
             self.assume(
@@ -216,7 +217,7 @@ impl Ctx<'_> {
             );
         } else {
             // Tensor cores / SIMD: MACs padded to whole tiles, at the peak rate.
-            let padded = (g.m.div_ceil(r) * r * g.n.div_ceil(c) * c * g.k * count) as f64;
+            let padded = (g.m.div_ceil(r) * r) as f64 * (g.n.div_ceil(c) * c) as f64 * g.k as f64 * count as f64;
             let compute = padded / rate;
             // Cache blocking (BLIS / CTA tiles sharing L2) reads each operand from DRAM once a pass.
             let (m, n, k) = (g.m as f64, g.n as f64, g.k as f64);
@@ -415,7 +416,7 @@ pub fn estimate(t: &Target, s: &ModelShape, p: Precision, w: Workload) -> Result
     let (wb, ab) = (p.weight_bytes(), p.activation_bytes());
     let weight_bytes = s.params() as f64 * wb;
     let kv_len_max = w.prompt_len + w.gen;
-    let kv_cache_bytes = (s.layers * w.batch * kv_len_max * 2 * s.kv_dim()) as f64 * ab;
+    let kv_cache_bytes = s.layers as f64 * w.batch as f64 * kv_len_max as f64 * 2.0 * s.kv_dim() as f64 * ab;
     // Dataflow FPGAs keep every weight on chip; others stream weights that do not fit.
     // GPU shared memory and CPU caches do not keep weights between kernels: they stream.
     let weights_resident = t.kind == Kind::DataflowFpga || (t.kind.is_systolic() && weight_bytes <= buf.weight);

@@ -153,6 +153,19 @@ impl ModelShape {
         {
             return bad(format!("every dimension must be positive: {self:?}"));
         }
+        let caps = [
+            ("layers", self.layers, 1 << 12),
+            ("d_model", self.d_model, 1 << 18),
+            ("heads", self.heads, 1 << 12),
+            ("ffn_hidden", self.ffn_hidden, 1 << 20),
+            ("vocab", self.vocab, 1 << 24),
+            ("context", self.context, 1 << 30),
+        ];
+        for (n, v, cap) in caps {
+            if v > cap {
+                return bad(format!("{n} {v} is larger than kiln models ({cap})"));
+            }
+        }
         if !self.d_model.is_multiple_of(self.heads) {
             return bad(format!("d_model {} is not divisible by heads {}", self.d_model, self.heads));
         }

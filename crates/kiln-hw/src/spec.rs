@@ -392,6 +392,12 @@ impl Target {
         if !pos(self.clock_mhz) {
             return bad(format!("clock_mhz must be positive, got {}", self.clock_mhz));
         }
+        if self.array.rows > 1 << 16 || self.array.cols > 1 << 16 {
+            return bad(format!(
+                "array {}x{} is larger than kiln models (65536 a side)",
+                self.array.rows, self.array.cols
+            ));
+        }
         if self.array.rows == 0 || self.array.cols == 0 {
             return bad(format!("array must be at least 1x1, got {}x{}", self.array.rows, self.array.cols));
         }

@@ -89,7 +89,7 @@ pub fn fold_cycles(g: Gemm, rows: u64, cols: u64, df: Dataflow) -> Folds {
         row_folds: rf,
         col_folds: cf,
         cycles_per_fold: per,
-        cycles: rf * cf * per,
+        cycles: rf.saturating_mul(cf).saturating_mul(per),
     }
 }
 
