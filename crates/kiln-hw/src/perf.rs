@@ -170,7 +170,17 @@ impl Ctx<'_> {
         }
     }
 
-    fn gemm(&mut self, op: &Op, g: Gemm, count: u64, b_is_weight: bool, b_kv: bool, act_fits: bool) -> OpCost {
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &mut self,
+        op: &Op,
+        g: Gemm,
+        count: u64,
+        b_is_weight: bool,
+        b_kv: bool,
+        act_fits: bool,
+        weights_resident: bool,
+    ) -> OpCost {
         let t = self.t;
         let (wb, ab) = (self.p.weight_bytes(), self.p.activation_bytes());
         let operands = Operands {
@@ -178,8 +188,8 @@ impl Ctx<'_> {
             b_bytes: if b_is_weight { wb } else { ab },
             out_bytes: ab,
             a_on_chip: act_fits,
-            // Weights resident only when all of them fit (decided by the caller via act_fits for K / V).
-            b_on_chip: if b_is_weight { false } else { !b_kv && act_fits },
+            // Weights are on chip when all of them are resident; K / V when just made in prefill.
+            b_on_chip: if b_is_weight { weights_resident } else { !b_kv && act_fits },
             out_on_chip: act_fits,
         };
         // f64 products: element counts of large workloads overflow u64.
@@ -342,19 +352,7 @@ impl Ctx<'_> {
         for op in ops {
             let c = match &op.kind {
                 OpKind::Gemm { gemm, count, b_is_weight, b_from_kv_cache } => {
-                    let mut c = self.gemm(op, *gemm, *count, *b_is_weight, *b_from_kv_cache, act_fits);
-                    if *b_is_weight && weights_resident {
-                        // Every weight lives on chip: no DRAM traffic for B.
-                        let b_bytes = (gemm.k * gemm.n) as f64 * self.p.weight_bytes();
-                        c.dram_bytes = (c.dram_bytes - b_bytes).max(0.0);
-                        c.energy_j -= b_bytes * self.t.power.pj_per_dram_byte * 1e-12;
-                        c.memory_s = c.dram_bytes / self.bw();
-                        c.time_s = self.overlap(c.compute_s, c.memory_s, 0.0);
-                        c.bound = if c.compute_s >= c.memory_s { Bound::Compute } else { Bound::Memory };
-                        let peak = self.t.peak_macs(self.p).unwrap_or(1.0);
-                        c.utilization = c.macs / (peak * c.time_s);
-                    }
-                    c
+                    self.gemm(op, *gemm, *count, *b_is_weight, *b_from_kv_cache, act_fits, weights_resident)
                 }
                 OpKind::Vector { elems, ops_per_elem, special, special_count } => {
                     self.vector(op, *elems, *ops_per_elem, *special, *special_count, act_fits)
@@ -407,14 +405,18 @@ pub fn estimate(t: &Target, s: &ModelShape, p: Precision, w: Workload) -> Result
         });
     }
     let kib = 1024.0;
-    let buf = BufferBytes {
+    let (wb, ab) = (p.weight_bytes(), p.activation_bytes());
+    let weight_bytes = s.params() as f64 * wb;
+    let mut buf = BufferBytes {
         weight: t.buffers.weight_kib * kib,
         activation: t.buffers.activation_kib * kib,
         accumulator: t.buffers.accumulator_kib * kib,
     };
+    if t.kind == Kind::DataflowFpga {
+        // The premise of a dataflow design: its weight memory holds the whole model (the fit check says if it can).
+        buf.weight = buf.weight.max(weight_bytes);
+    }
     let mut cx = Ctx { t, p, buf, assumptions: Vec::new() };
-    let (wb, ab) = (p.weight_bytes(), p.activation_bytes());
-    let weight_bytes = s.params() as f64 * wb;
     let kv_len_max = w.prompt_len + w.gen;
     let kv_cache_bytes = s.layers as f64 * w.batch as f64 * kv_len_max as f64 * 2.0 * s.kv_dim() as f64 * ab;
     // Dataflow FPGAs keep every weight on chip; others stream weights that do not fit.
