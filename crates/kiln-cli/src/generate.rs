@@ -1,19 +1,17 @@
-//! `kiln generate` (streamed to the terminal) and `kiln eval logits`.
+//! `kiln generate`: the serving engine (kiln-serve) driven from the terminal, streamed.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use kiln_model::{generate, SamplingParams};
-use kiln_tensor::CpuKernels;
-use kiln_train::load_checkpoint;
-use rand::SeedableRng;
+use kiln_model::SamplingParams;
+use kiln_serve::{ChatMessage, Engine, EngineConfig, GenEvent, GenRequest, ServeError};
 
 use crate::usage;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (a run directory or its checkpoint/).
+    /// Checkpoint directory (a run directory, its checkpoint/, or a Hugging Face model directory).
     #[arg(long)]
     ckpt: PathBuf,
     #[arg(long, default_value = "\n")]
@@ -29,45 +27,76 @@ pub struct GenerateArgs {
     /// Keep the smallest set of tokens whose probability reaches p.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Divide the scores of tokens already in the text by this (1: off; 1.1-1.3 is typical).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Stop when this text appears; it is not printed (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Send --prompt as a user message through the model's chat template and print the reply.
+    #[arg(long)]
+    chat: bool,
+    /// A system message before the user's (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
 pub fn run(a: &GenerateArgs) -> anyhow::Result<()> {
-    if a.temperature.is_nan() || a.temperature < 0.0 || a.top_p.is_nan() || a.top_p <= 0.0 || a.top_p > 1.0 {
-        return Err(usage("--temperature must be >= 0 and --top-p in (0, 1]"));
-    }
-    let ck = load_checkpoint(&a.ckpt)?;
-    let tok = ck.tokenizer.ok_or_else(|| usage(format!("{} has no tokenizer.json", a.ckpt.display())))?;
-    let mut model = ck.model;
-    let prompt = tok.encode(&a.prompt)?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        ..Default::default()
+    };
+    params
+        .validate()
+        .map_err(|e| usage(format!("{e} (--temperature >= 0, --top-p in (0, 1], --repetition-penalty > 0)")))?;
+    let (model, info) = kiln_serve::load_model(&a.ckpt)?;
+    let mut stop = a.stop.clone();
+    let prompt = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone() });
+        stop.extend(info.chat_stops());
+        info.encode_chat(&messages).map_err(|e| usage(e.to_string()))?
+    } else {
+        info.encode_prompt(&a.prompt)?
+    };
     if prompt.is_empty() {
         return Err(usage("the prompt encodes to no tokens"));
     }
-    let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, ..Default::default() };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", a.prompt)?;
-    // Decode the growing suffix and print only what is new, so multi-byte characters split
-    // across tokens come out whole.
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
-    let k = CpuKernels::default();
-    let eot = tok.eot_id();
-    generate(&mut model, &k, &prompt, a.max_new_tokens, &params, &mut rng, &mut |id| {
-        if Some(id) == eot {
-            return false;
-        }
-        generated.push(id);
-        if let Ok(text) = tok.decode(&generated) {
-            if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{FFFD}') {
-                let _ = write!(out, "{}", &text[printed..]);
-                let _ = out.flush();
-                printed = text.len();
+    if !a.chat {
+        write!(out, "{}", a.prompt)?;
+    }
+    if a.max_new_tokens > 0 {
+        // One slot: the terminal is a single client. Past the context the engine keeps the
+        // last half and goes on, as generation always did here.
+        let engine = Engine::start(model, info, EngineConfig { max_batch: 1, max_queue: 1 })?;
+        let req = GenRequest { prompt, max_tokens: a.max_new_tokens, params, seed: a.seed, stop, context_shift: true };
+        let (tx, rx) = std::sync::mpsc::channel();
+        engine.submit(req, Box::new(move |ev| tx.send(ev).is_ok())).map_err(|e| match e {
+            ServeError::Invalid(m) => usage(m),
+            e => e.into(),
+        })?;
+        // Printing here, not on the scheduler thread, so a closed pipe ends generation cleanly:
+        // returning drops the receiver and the engine cancels the sequence.
+        for ev in rx {
+            match ev {
+                GenEvent::Text(t) => {
+                    out.write_all(t.as_bytes())?;
+                    out.flush()?;
+                }
+                GenEvent::Done { .. } => break,
+                GenEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
             }
         }
-        true
-    })?;
+    }
     writeln!(out)?;
     Ok(())
 }
