@@ -17,7 +17,7 @@ pub use checkpoint::{
 pub use config::{GptConfig, PRESETS};
 pub use gguf::{dequantize, export_gguf, quantize_q4_0, quantize_q8_0, GgmlType};
 pub use gpt::{Gpt, ParamInfo};
-pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, LlamaConfig, LLAMA_PRESETS};
+pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, LlamaConfig, LlamaPreset, LLAMA_PRESETS};
 pub use lm::{preset_model, CausalLm, KvCache};
 pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
 

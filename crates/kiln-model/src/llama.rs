@@ -14,7 +14,7 @@ use crate::{CausalLm, KvCache, ModelError, ParamInfo};
 mod checkpoint;
 mod config;
 pub use checkpoint::{load_llama_dir, read_hf_tensors, save_llama_hf_files};
-pub use config::{LlamaConfig, LLAMA_PRESETS};
+pub use config::{LlamaConfig, LlamaPreset, LLAMA_PRESETS};
 
 /// Where one block's tensors sit in the parameter list (biases only when the config has them).
 #[derive(Clone, Debug)]

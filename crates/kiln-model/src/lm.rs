@@ -117,7 +117,7 @@ pub trait CausalLm: Send {
 
 /// A model of a named preset (GPT-2 or Llama family) with random weights, seeded.
 pub fn preset_model(name: &str, vocab_size: Option<usize>, seed: u64) -> Result<Box<dyn CausalLm>, ModelError> {
-    if crate::LLAMA_PRESETS.iter().any(|p| p.0 == name) {
+    if crate::LLAMA_PRESETS.iter().any(|p| p.name == name) {
         Ok(Box::new(crate::Llama::new(crate::LlamaConfig::preset(name, vocab_size)?, seed)?))
     } else {
         Ok(Box::new(crate::Gpt::new(crate::GptConfig::preset(name, vocab_size)?, seed)?))

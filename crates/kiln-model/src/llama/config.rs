@@ -34,9 +34,40 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
 }
 
-/// (name, n_layer, n_embd, n_head, n_kv_head, ffn_hidden, context, default vocabulary).
-pub const LLAMA_PRESETS: &[(&str, usize, usize, usize, usize, usize, usize, usize)] =
-    &[("llama-tiny", 2, 64, 4, 2, 176, 64, 512), ("llama-s", 6, 384, 6, 2, 1024, 256, 8192)];
+/// A named Llama shape (DESIGN.md's `llama-s`, and a tiny one for tests).
+pub struct LlamaPreset {
+    pub name: &'static str,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub ffn_hidden: usize,
+    pub context: usize,
+    pub vocab: usize,
+}
+
+pub const LLAMA_PRESETS: &[LlamaPreset] = &[
+    LlamaPreset {
+        name: "llama-tiny",
+        n_layer: 2,
+        n_embd: 64,
+        n_head: 4,
+        n_kv_head: 2,
+        ffn_hidden: 176,
+        context: 64,
+        vocab: 512,
+    },
+    LlamaPreset {
+        name: "llama-s",
+        n_layer: 6,
+        n_embd: 384,
+        n_head: 6,
+        n_kv_head: 2,
+        ffn_hidden: 1024,
+        context: 256,
+        vocab: 8192,
+    },
+];
 
 fn bad(msg: impl Into<String>) -> ModelError {
     ModelError::BadConfig(msg.into())
@@ -44,8 +75,10 @@ fn bad(msg: impl Into<String>) -> ModelError {
 
 impl LlamaConfig {
     pub fn preset(name: &str, vocab_size: Option<usize>) -> Result<LlamaConfig, ModelError> {
-        let &(_, n_layer, n_embd, n_head, n_kv_head, ffn_hidden, block_size, vocab) =
-            LLAMA_PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| ModelError::UnknownPreset(name.to_string()))?;
+        let p =
+            LLAMA_PRESETS.iter().find(|p| p.name == name).ok_or_else(|| ModelError::UnknownPreset(name.to_string()))?;
+        let (n_layer, n_embd, n_head, n_kv_head, ffn_hidden, block_size, vocab) =
+            (p.n_layer, p.n_embd, p.n_head, p.n_kv_head, p.ffn_hidden, p.context, p.vocab);
         let cfg = LlamaConfig {
             model_type: "llama".into(),
             n_layer,

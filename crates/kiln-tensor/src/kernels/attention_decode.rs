@@ -130,7 +130,7 @@ pub(crate) fn attention_decode(
     hs: usize,
 ) {
     let (b, c, kvd) = (lens.len(), nh * hs, nkv * hs);
-    assert!(nkv >= 1 && nh % nkv == 0, "query heads must be a multiple of key/value heads");
+    assert!(nkv >= 1 && nh.is_multiple_of(nkv), "query heads must be a multiple of key/value heads");
     assert!(out.len() == b * c && q.len() == b * c && k_cache.len() >= b * cap * kvd && v_cache.len() >= b * cap * kvd);
     assert!(lens.iter().all(|&l| l >= 1 && l <= cap), "every sequence needs 1..=cap cached positions");
     let optr = SendPtr(out.as_mut_ptr());

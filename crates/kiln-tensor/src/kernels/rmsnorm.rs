@@ -55,7 +55,7 @@ pub(crate) fn rmsnorm_backward_reference(
 unsafe fn rms_fwd_rows<S: Simd>(out: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], c: usize, eps: f32) {
     let w = weight.as_ptr();
     let lanes_end = c - c % S::LANES;
-    for r in 0..rstd.len() {
+    for (r, rs) in rstd.iter_mut().enumerate() {
         let x = inp.as_ptr().add(r * c);
         let o = out.as_mut_ptr().add(r * c);
         let mut acc = S::zero();
@@ -79,7 +79,7 @@ unsafe fn rms_fwd_rows<S: Simd>(out: &mut [f32], rstd: &mut [f32], inp: &[f32], 
         for j in lanes_end..c {
             *o.add(j) = *x.add(j) * s * *w.add(j);
         }
-        rstd[r] = s;
+        *rs = s;
     }
 }
 crate::multiversion!(fn rms_fwd_v(out: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], c: usize, eps: f32) => rms_fwd_rows);
@@ -124,10 +124,10 @@ unsafe fn rms_bwd_rows<S: Simd>(
             S::store(dx.add(j), S::fma(t, sv, S::load(dx.add(j))));
             j += S::LANES;
         }
-        for j in lanes_end..c {
+        for (j, dwj) in dw.iter_mut().enumerate().take(c).skip(lanes_end) {
             let xh = *x.add(j) * s;
             let gv = *g.add(j);
-            dw[j] += gv * xh;
+            *dwj += gv * xh;
             *dx.add(j) += (gv * *w.add(j) - xh * mean_gwx) * s;
         }
     }

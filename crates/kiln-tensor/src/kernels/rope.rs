@@ -36,7 +36,7 @@ pub(crate) fn rope_reference(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rope(x: &mut [f32], pos: &[usize], cos: &[f32], sin: &[f32], n_heads: usize, hs: usize, inverse: bool) {
     let (half, w) = (hs / 2, n_heads * hs);
-    assert!(hs % 2 == 0 && x.len() == pos.len() * w);
+    assert!(hs.is_multiple_of(2) && x.len() == pos.len() * w);
     assert!(pos.iter().all(|&p| (p + 1) * half <= cos.len().min(sin.len())), "position outside the RoPE table");
     let sign = if inverse { -1.0f32 } else { 1.0 };
     x.par_chunks_mut(ROW_CHUNK * w).zip(pos.par_chunks(ROW_CHUNK)).for_each(|(rows, ps)| {
