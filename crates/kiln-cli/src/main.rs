@@ -7,6 +7,7 @@ mod eval;
 mod export;
 mod generate;
 mod load;
+mod map;
 mod prep;
 mod train;
 mod ui;
@@ -94,6 +95,8 @@ enum Command {
     Report(ReportArgs),
     /// Write a checkpoint in another runtime's format: GGUF (f32, f16, q8_0, q4_0) for llama.cpp.
     Export(export::ExportArgs),
+    /// Map a model onto accelerators (FPGA / ASIC / GPU / CPU): latency, tokens/s, fit, energy, cost.
+    Map(map::MapArgs),
 }
 
 #[derive(Args)]
@@ -217,6 +220,7 @@ fn main() -> ExitCode {
         Command::Eval(c) => eval::run(c),
         Command::Report(a) => run_report(a),
         Command::Export(a) => export::run(a),
+        Command::Map(a) => map::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
