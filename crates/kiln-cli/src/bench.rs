@@ -57,6 +57,12 @@ pub struct BenchTrainArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Data-parallel ranks (threads sharing the cores); --batch is the global batch.
+    #[arg(long)]
+    dp: Option<usize>,
+    /// With --dp: 1 shards the AdamW moments over the ranks (ZeRO-1).
+    #[arg(long, default_value_t = 0)]
+    zero: u8,
 }
 
 pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
@@ -73,6 +79,9 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
     let mc = GptConfig::preset(&a.preset, a.vocab)?;
     let peak = kiln_tensor::probe::f32_peak_gflops();
     let k = CpuKernels::default();
+    if let Some(dp) = a.dp {
+        return bench_train_dp(a, &mc, dp, &k);
+    }
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar((a.warmup + a.steps) as u64, "bench step") };
     let r = kiln_train::bench::bench_train(&a.preset, mc, a.batch, a.seq, a.warmup, a.steps, peak, &k, &mut |i, _| {
         pb.set_position(i as u64)
@@ -110,6 +119,27 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
             "  peak memory   {:>10.0} MB RSS (model, grads, optimizer, activations: {:.0} MB)",
             rss, r.model_memory_mb
         );
+    }
+    Ok(())
+}
+
+/// `kiln bench train --dp D [--zero 1]`: data-parallel steps, one thread pool per rank.
+fn bench_train_dp(a: &BenchTrainArgs, mc: &GptConfig, dp: usize, k: &CpuKernels) -> anyhow::Result<()> {
+    let r = kiln_train::bench_data_parallel(mc, a.batch, a.seq, a.warmup, a.steps, dp, a.zero, k)?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["preset"] = a.preset.clone().into();
+        v["batch"] = a.batch.into();
+        v["seq"] = a.seq.into();
+        println!("{v}");
+    } else {
+        println!(
+            "kiln bench train: {} (global B={}, T={}), dp {} × {} thread(s), ZeRO-{}",
+            a.preset, a.batch, a.seq, r.dp, r.threads_per_rank, r.zero
+        );
+        println!("  tokens/s      {:>10.0}", r.tokens_per_s);
+        println!("  step          {:>10.1} ms  (collectives {:.1} ms)", r.step_ms, r.comm_ms);
+        println!("  optimizer     {:>10.1} MB of AdamW moments per rank", r.optimizer_mb_per_rank);
     }
     Ok(())
 }

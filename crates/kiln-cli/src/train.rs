@@ -79,6 +79,15 @@ pub struct TrainArgs {
     /// Stop (and checkpoint) after this step without finishing the schedule; resume later.
     #[arg(long)]
     pub stop_at: Option<u64>,
+    /// Data-parallel ranks (threads sharing the cores); --batch must be divisible by it.
+    #[arg(long)]
+    pub dp: Option<usize>,
+    /// ZeRO stage with --dp: 1 shards the AdamW moments over the ranks.
+    #[arg(long)]
+    pub zero: Option<u8>,
+    /// Seconds a rank waits for a stalled peer before the run fails.
+    #[arg(long)]
+    pub comm_timeout: Option<u64>,
 }
 
 impl TrainArgs {
@@ -102,8 +111,13 @@ impl TrainArgs {
             checkpoint_every,
             sample_tokens,
             seed,
-            out
+            out,
+            dp,
+            zero
         );
+        if let Some(s) = self.comm_timeout {
+            cfg.comm_timeout_s = s;
+        }
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { cfg.$f = self.$f.clone(); } )* };
         }
@@ -176,8 +190,10 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
         Event::Started { start_step, total_steps, params } => {
             pb.set_position(start_step);
             pb.reset_eta();
+            let plan =
+                if cfg.dp > 1 { format!(", data parallel {} ranks, ZeRO-{}", cfg.dp, cfg.zero) } else { String::new() };
             say(format!(
-                "training {:.2}M parameters, steps {start_step}..{total_steps}, {} threads, kernels {}",
+                "training {:.2}M parameters, steps {start_step}..{total_steps}, {} threads, kernels {}{plan}",
                 params as f64 / 1e6,
                 rayon::current_num_threads(),
                 CpuKernels::default().isa.name()
