@@ -138,3 +138,28 @@ fn streaming_detokenization_never_splits_a_character() {
     out += &d.flush(&tok);
     assert_eq!(out, text);
 }
+
+#[test]
+fn tokenizer_config_bos_and_eos_are_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_checkpoint(tmp.path());
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let eot = tok.eot_id().unwrap();
+    // Llama-style: a BOS token first in every prompt, given by its text.
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": {"content": "<|endoftext|>"}, "eos_token": "<|endoftext|>", "add_bos_token": true}"#,
+    )
+    .unwrap();
+    let (_, info) = kiln_serve::load_model(&dir).unwrap();
+    let ids = info.encode_prompt("the cat").unwrap();
+    assert_eq!(ids[0], eot);
+    assert_eq!(&ids[1..], tok.encode("the cat").unwrap().as_slice());
+    // Already there: not doubled.
+    assert_eq!(info.encode_prompt("<|endoftext|>the cat").unwrap(), ids);
+    assert!(info.eos_ids.contains(&eot));
+    // No chat_template: the plain one, with its turn labels as stops.
+    let chat = info.encode_chat(&[kiln_serve::ChatMessage { role: "user".into(), content: "hi".into() }]).unwrap();
+    assert_eq!(tok.decode(&chat).unwrap(), "<|endoftext|>User: hi\nAssistant:");
+    assert_eq!(info.chat_stops(), vec!["\nUser:".to_string(), "\nSystem:".to_string()]);
+}
