@@ -163,3 +163,22 @@ fn tokenizer_config_bos_and_eos_are_honoured() {
     assert_eq!(tok.decode(&chat).unwrap(), "<|endoftext|>User: hi\nAssistant:");
     assert_eq!(info.chat_stops(), vec!["\nUser:".to_string(), "\nSystem:".to_string()]);
 }
+
+#[test]
+fn a_client_that_goes_away_frees_its_slot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_checkpoint(tmp.path());
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let engine = start_engine(&dir, EngineConfig { max_batch: 1, max_queue: 4 });
+    let mut prompt_ids = tok.encode("the cat").unwrap();
+    prompt_ids.truncate(2);
+    // The sink refuses its first event, as a dropped connection does.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let req = GenRequest::new(prompt_ids.clone(), 50, SamplingParams::greedy());
+    engine.submit(req, Box::new(move |_| c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 100)).unwrap();
+    // The next request gets the only slot and finishes normally.
+    let out = engine.generate(GenRequest::new(prompt_ids, 5, SamplingParams::greedy())).unwrap();
+    assert!(out.usage.completion_tokens >= 1);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "no events after the sink said stop");
+}
