@@ -6,7 +6,8 @@ set -euo pipefail
 rounds=${1:-3}; preset=${2:-gpt-s}; batch=${3:-8}; seq=${4:-256}
 cd "$(dirname "$0")/../.."
 target=${CARGO_TARGET_DIR:-target}
-cargo build --release -q -p kiln-cli -p kiln-comm --example allreduce_bw
+cargo build --release -q -p kiln-cli
+cargo build --release -q -p kiln-comm --example allreduce_bw
 kiln="$target/release/kiln"
 echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 for r in $(seq "$rounds"); do

@@ -408,7 +408,12 @@ fn first_cause(r0: Result<(), TrainError>, others: Vec<Result<(), TrainError>>) 
     if all.is_empty() {
         return Ok(());
     }
-    let pos = all.iter().position(|e| !matches!(e, TrainError::Comm(_))).unwrap_or(0);
+    // A rank's own error first; then a timeout (it names the rank that stalled), then rank 0's.
+    let pos = all
+        .iter()
+        .position(|e| !matches!(e, TrainError::Comm(_)))
+        .or_else(|| all.iter().position(|e| matches!(e, TrainError::Comm(kiln_comm::CommError::Timeout { .. }))))
+        .unwrap_or(0);
     Err(all.swap_remove(pos))
 }
 
@@ -498,6 +503,18 @@ pub fn bench_data_parallel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_root_cause_of_a_failed_run_is_reported() {
+        use kiln_comm::CommError;
+        let peer = || TrainError::Comm(CommError::PeerFailed { op: "all_reduce", rank: 1 });
+        let stall = CommError::Timeout { op: "all_reduce", waiting_for: 0, timeout: Duration::from_secs(1) };
+        let own = first_cause(Err(peer()), vec![Err(TrainError::Config("disk full".into()))]);
+        assert!(matches!(own, Err(TrainError::Config(_))), "{own:?}");
+        let timed = first_cause(Err(peer()), vec![Err(TrainError::Comm(stall))]);
+        assert!(matches!(timed, Err(TrainError::Comm(CommError::Timeout { waiting_for: 0, .. }))), "{timed:?}");
+        assert!(first_cause(Ok(()), vec![Ok(()), Ok(())]).is_ok());
+    }
 
     #[test]
     fn layout_pieces_cover_ranges_across_tensor_boundaries() {
