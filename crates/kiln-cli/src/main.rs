@@ -9,6 +9,7 @@ mod generate;
 mod load;
 mod map;
 mod prep;
+mod serve;
 mod train;
 mod ui;
 
@@ -41,18 +42,23 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 #[command(
     name = "kiln",
     version,
-    about = "Train, run and measure GPT-style language models fast on your CPU.",
+    about = "Train, run, serve, export and map GPT-2 and Llama-family language models, fast on your CPU.",
     long_about = "kiln trains GPT-2-architecture language models on the CPU with hand-written SIMD \
-kernels, checked against PyTorch, and writes Hugging Face-compatible checkpoints.\n\n\
-Start here:\n  kiln demo                      train a small model on a built-in corpus (1-3 minutes)\n\
-  kiln tokenizer train ...       learn a byte-level BPE vocabulary from your text\n\
-  kiln data prepare ...          turn text files into token shards\n\
-  kiln train ...                 train (or --resume) a model\n\
-  kiln generate ...              sample text from a checkpoint\n\
-  kiln plot ...                  draw loss curves\n\
-  kiln eval ppl|bleu|chrf|rouge|task ...  measure a model or a system's output
-  kiln bench train ...           measure training speed
-  kiln report ...                one HTML page with curves, scores, speed",
+kernels, checked against PyTorch; runs GPT-2, Llama, Qwen2 and Mistral checkpoints from Hugging Face; \
+serves them over an OpenAI-compatible API; exports GGUF; and predicts their speed on accelerators.\n\n\
+Start here:\n  \
+kiln demo                      train a small model on a built-in corpus (1-3 minutes)\n  \
+kiln tokenizer train ...       learn a byte-level BPE vocabulary from your text\n  \
+kiln data prepare ...          turn text files into token shards\n  \
+kiln train ...                 train (or --resume) a model; --dp N for data parallel\n  \
+kiln generate ...              sample text from a checkpoint (kiln's or Hugging Face's)\n  \
+kiln serve ...                 OpenAI-compatible HTTP server with continuous batching\n  \
+kiln export ...                GGUF (f32, f16, q8_0, q4_0) for llama.cpp\n  \
+kiln map ...                   predict latency, fit, energy and cost on FPGA / ASIC / GPU / CPU\n  \
+kiln plot ...                  draw loss curves\n  \
+kiln eval ppl|bleu|chrf|rouge|task ...  measure a model or a system's output\n  \
+kiln bench train|generate ...  measure training and generation speed\n  \
+kiln report ...                one HTML page with curves, scores, speed",
     propagate_version = true
 )]
 struct Cli {
@@ -97,6 +103,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Map a model onto accelerators (FPGA / ASIC / GPU / CPU): latency, tokens/s, fit, energy, cost.
     Map(map::MapArgs),
+    /// Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -221,6 +229,7 @@ fn main() -> ExitCode {
         Command::Report(a) => run_report(a),
         Command::Export(a) => export::run(a),
         Command::Map(a) => map::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Generation speed side by side: kiln, PyTorch + transformers, and llama.cpp, on the same
+GPT-2-architecture model with random weights, the same prompt length, tokens and threads.
+
+For a preset (gpt-s: 6×384, vocab 8192, context 256; gpt2-124m: 12×768, vocab 50257) it makes
+one checkpoint directory with `transformers` (random init, seed 0) and a byte-level BPE vocabulary
+of the right size trained by `kiln tokenizer train` on tinyshakespeare, exports it to GGUF with
+`kiln export`, and then runs, alternately for R rounds:
+
+  kiln bench generate --ckpt DIR --prompt-len P --gen G --json
+  PyTorch: prefill P tokens, then G-1 single-token steps with the KV cache (greedy)
+  llama.cpp (llama-cpp-python): the same on the GGUF, f32 weights and f32 KV cache
+
+Prefill tokens/s = P / prefill time; decode tokens/s = (G-1) / decode time; best of 3 per round.
+
+    /work/venv/bin/python tools/bench/compare_generate.py --preset gpt-s --rounds 3
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = {"gpt-s": (6, 384, 6, 256, 8192), "gpt2-124m": (12, 768, 12, 1024, 50257)}
+
+
+def kiln_bin() -> str:
+    return os.environ.get("KILN", str(ROOT / "target" / "release" / "kiln"))
+
+
+def prepare(preset: str, types, work: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_layer, n_embd, n_head, ctx, vocab = PRESETS[preset]
+    d = work / preset
+    if not (d / "model.safetensors").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        data = Path(os.environ.get("KILN_DATA", ROOT.parent / "shared" / "data")) / "tinyshakespeare"
+        text = sorted(data.glob("*.txt"))[0]
+        subprocess.run([kiln_bin(), "tokenizer", "train", "--input", str(text), "--vocab-size", str(min(vocab, 8192)),
+                        "--out", str(d / "tokenizer.json")], check=True, capture_output=True)
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=ctx, vocab_size=vocab,
+                         activation_function="gelu_new", bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+        GPT2LMHeadModel(cfg).save_pretrained(d, safe_serialization=True)
+    for ty in types:
+        g = d / f"model-{ty}.gguf"
+        if not g.exists():
+            subprocess.run([kiln_bin(), "export", "--ckpt", str(d), "--type", ty, "--out", str(g)], check=True,
+                           capture_output=True)
+    return d
+
+
+def run_kiln(d: Path, p: int, g: int, threads: int) -> dict:
+    out = subprocess.run([kiln_bin(), "--threads", str(threads), "bench", "generate", "--ckpt", str(d),
+                          "--prompt-len", str(p), "--gen", str(g), "--reps", "3", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    v = json.loads(out.strip().splitlines()[-1])
+    return {"prefill": v["prefill_tokens_per_s"], "decode": v["decode_tokens_per_s"]}
+
+
+def run_torch(d: Path, p: int, g: int, threads: int) -> dict:
+    code = f"""
+import json, time, torch
+from transformers import GPT2LMHeadModel
+torch.set_num_threads({threads})
+m = GPT2LMHeadModel.from_pretrained({str(d)!r}, torch_dtype=torch.float32).eval()
+ids = torch.randint(0, m.config.vocab_size, (1, {p}), generator=torch.Generator().manual_seed(0))
+best_p = best_d = 1e9
+with torch.inference_mode():
+    for _ in range(4):
+        t0 = time.perf_counter(); out = m(input_ids=ids, use_cache=True); t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range({g} - 1):
+            out = m(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+print(json.dumps({{"prefill": {p} / best_p, "decode": ({g} - 1) / best_d, "torch": torch.__version__}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_llamacpp(gguf: Path, p: int, g: int, threads: int) -> dict:
+    code = f"""
+import json, time, random
+import numpy as np, llama_cpp
+llm = llama_cpp.Llama(model_path={str(gguf)!r}, n_ctx={p + g}, n_batch={p}, n_threads={threads},
+                      n_threads_batch={threads}, type_k=0, type_v=0, verbose=False)
+random.seed(0)
+ids = [random.randrange(llm.n_vocab()) for _ in range({p})]
+best_p = best_d = 1e9
+for _ in range(4):
+    llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
+    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for _ in range({g} - 1):
+        llm.eval([nxt])
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+print(json.dumps({{"prefill": {p} / best_p, "decode": ({g} - 1) / best_d, "llama_cpp": llama_cpp.__version__}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="gpt-s", choices=sorted(PRESETS))
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/kiln_bench_models"))
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    args = ap.parse_args()
+    d = prepare(args.preset, ["f32"], args.work)
+    peers = {"kiln": lambda: run_kiln(d, args.prompt_len, args.gen, args.threads),
+             "pytorch": lambda: run_torch(d, args.prompt_len, args.gen, args.threads)}
+    if not args.no_llama_cpp:
+        peers["llama.cpp"] = lambda: run_llamacpp(d / "model-f32.gguf", args.prompt_len, args.gen, args.threads)
+    rows = {k: [] for k in peers}
+    for r in range(args.rounds):
+        for name, f in peers.items():
+            v = f()
+            rows[name].append(v)
+            print(f"round {r + 1} {name:10s} prefill {v['prefill']:9.1f} tok/s   decode {v['decode']:8.1f} tok/s", flush=True)
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("prefill", "decode")} for k, v in rows.items()}
+    print(f"\nmedians ({args.preset}, prompt {args.prompt_len}, gen {args.gen}, {args.threads} threads, f32):")
+    for k, v in med.items():
+        ratio = "" if k == "kiln" else f"   kiln/{k}: prefill {med['kiln']['prefill'] / v['prefill']:.2f}x, decode {med['kiln']['decode'] / v['decode']:.2f}x"
+        print(f"  {k:10s} prefill {v['prefill']:9.1f}  decode {v['decode']:8.1f}{ratio}")
+    print(json.dumps({"preset": args.preset, "medians": med, "rounds": rows}))
+
+
+if __name__ == "__main__":
+    main()
