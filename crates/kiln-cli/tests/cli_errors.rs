@@ -187,6 +187,10 @@ fn nonsensical_flags() {
     assert_fails(&run_train(f, &f.root.join("run-lr"), &["--lr", "-0.1"]), 2, "--lr must be a positive number");
     assert_fails(&kiln(&["train", "--steps", "many"]), 2, "invalid value");
     assert_fails(&kiln(&["bench", "train", "--batch", "0"]), 2, "--batch and --seq must be at least 1");
+    // A batch that does not split evenly over data-parallel ranks is refused before any work.
+    let dp = f.root.join("run-dp");
+    assert_fails(&run_train(f, &dp, &["--batch", "5", "--dp", "2"]), 2, "divisible by --dp 2");
+    assert!(!dp.join("checkpoint").exists());
 }
 
 #[test]
