@@ -79,6 +79,18 @@ pub struct Llama {
     acts: Option<Acts>,
 }
 
+/// Registers a linear layer's weight `[out, in]` (and bias) through `add`; returns their indices.
+fn linear(
+    add: &mut impl FnMut(String, Vec<usize>) -> usize,
+    name: String,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> (usize, Option<usize>) {
+    let w = add(format!("{name}.weight"), vec![out, inp]);
+    (w, bias.then(|| add(format!("{name}.bias"), vec![out])))
+}
+
 /// `dst += src`, the sum of two input gradients that flow into one tensor.
 fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
@@ -99,22 +111,14 @@ impl Llama {
         for l in 0..config.n_layer {
             let p = format!("model.layers.{l}");
             let ln1 = add(format!("{p}.input_layernorm.weight"), vec![c]);
-            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
-                let w = add(format!("{p}.{name}.weight"), vec![out, inp]);
-                (w, bias.then(|| add(format!("{p}.{name}.bias"), vec![out])))
-            };
-            let qi = lin("self_attn.q_proj", q, c, config.qkv_bias);
-            let ki = lin("self_attn.k_proj", kv, c, config.qkv_bias);
-            let vi = lin("self_attn.v_proj", kv, c, config.qkv_bias);
-            let oi = lin("self_attn.o_proj", c, q, config.o_bias);
+            let qi = linear(&mut add, format!("{p}.self_attn.q_proj"), q, c, config.qkv_bias);
+            let ki = linear(&mut add, format!("{p}.self_attn.k_proj"), kv, c, config.qkv_bias);
+            let vi = linear(&mut add, format!("{p}.self_attn.v_proj"), kv, c, config.qkv_bias);
+            let oi = linear(&mut add, format!("{p}.self_attn.o_proj"), c, q, config.o_bias);
             let ln2 = add(format!("{p}.post_attention_layernorm.weight"), vec![c]);
-            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| {
-                let w = add(format!("{p}.{name}.weight"), vec![out, inp]);
-                (w, bias.then(|| add(format!("{p}.{name}.bias"), vec![out])))
-            };
-            let gate = lin("mlp.gate_proj", f, c, config.mlp_bias);
-            let up = lin("mlp.up_proj", f, c, config.mlp_bias);
-            let down = lin("mlp.down_proj", c, f, config.mlp_bias);
+            let gate = linear(&mut add, format!("{p}.mlp.gate_proj"), f, c, config.mlp_bias);
+            let up = linear(&mut add, format!("{p}.mlp.up_proj"), f, c, config.mlp_bias);
+            let down = linear(&mut add, format!("{p}.mlp.down_proj"), c, f, config.mlp_bias);
             layers.push(LayerIdx { ln1, q: qi, k: ki, v: vi, o: oi, ln2, gate, up, down });
         }
         let norm = add("model.norm.weight".into(), vec![c]);
