@@ -623,12 +623,16 @@ impl CausalLm for Llama {
         let mut x = vec![0.0f32; seqs.len() * c];
         self.embed_rows(&mut x, tokens);
         let pos: Vec<usize> = seqs.iter().map(|&s| cache.lens[s]).collect();
-        for l in 0..self.config.n_layer {
-            self.decode_layer(k, l, &mut x, cache, seqs, &pos);
-        }
+        let model = &*self;
+        let logits = kiln_tensor::on_workers(|| {
+            for l in 0..model.config.n_layer {
+                model.decode_layer(k, l, &mut x, cache, seqs, &pos);
+            }
+            model.head_logits(k, &x)
+        });
         for &s in seqs {
             cache.lens[s] += 1;
         }
-        Ok(self.head_logits(k, &x))
+        Ok(logits)
     }
 }

@@ -15,3 +15,11 @@ pub use tensor::{DType, Shape, Tensor, TensorError};
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// Runs `f` on one of the kernel worker threads. A thread outside the pool pays a hand-off
+/// (wake a worker, sleep until it is done) on every parallel kernel call; a decode step makes
+/// about ten such calls per layer on rows of a few kilobytes, so it runs the whole step on a
+/// worker and pays the hand-off once.
+pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}

@@ -96,6 +96,16 @@ impl Gpt {
         seqs: &[usize],
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
+        kiln_tensor::on_workers(|| self.decode_step(k, cache, seqs, tokens))
+    }
+
+    fn decode_step(
+        &mut self,
+        k: &dyn Kernels,
+        cache: &mut KvCache,
+        seqs: &[usize],
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let (m, c, nh, hs, v, vp) =
             (seqs.len(), cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
