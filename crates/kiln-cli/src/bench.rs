@@ -183,7 +183,7 @@ fn bench_generate(a: &BenchGenerateArgs) -> anyhow::Result<()> {
     // average over the generation, the KV cache of half-way through it.
     let weights = model.weight_bytes_per_token() as f64;
     let avg_len = a.prompt_len as f64 + a.gen as f64 / 2.0;
-    let kv = model.new_cache(1).bytes_per_position() as f64 * avg_len;
+    let kv = model.new_cache(0).bytes_per_position() as f64 * avg_len; // an empty cache: only its shape
     let roofline_tps = bw * 1e9 / (weights + kv);
     let decode_tps = (a.gen - 1) as f64 / best_decode;
     let v = serde_json::json!({

@@ -588,13 +588,9 @@ impl CausalLm for Llama {
         seq: usize,
         prompt: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
-        if seq >= cache.batch || cache.kv_dim != self.config.kv_dim() {
-            return Err(ModelError::Shape(format!("sequence {seq} outside a cache of {}", cache.batch)));
-        }
+        cache.check_model(self.config.n_layer, self.config.kv_dim())?;
+        cache.check_prefill(seq, prompt.len())?;
         let t = prompt.len();
-        if t > cache.cap {
-            return Err(ModelError::SequenceTooLong { t, context: cache.cap });
-        }
         self.forward_blocks(k, prompt, None, 1, t)?;
         let (c, kv) = (self.config.n_embd, self.config.kv_dim());
         let a = self.acts.as_ref().expect("forward_blocks ran");
@@ -615,10 +611,8 @@ impl CausalLm for Llama {
         seqs: &[usize],
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
+        cache.check_model(self.config.n_layer, self.config.kv_dim())?;
         cache.check_decode(seqs, tokens, self.config.vocab_size)?;
-        if cache.kv_dim != self.config.kv_dim() {
-            return Err(ModelError::Shape(format!("a cache of width {} for this model", cache.kv_dim)));
-        }
         let c = self.config.n_embd;
         let mut x = vec![0.0f32; seqs.len() * c];
         self.embed_rows(&mut x, tokens);

@@ -54,6 +54,29 @@ impl KvCache {
         (&self.k[layer][span.clone()], &self.v[layer][span])
     }
 
+    /// Checks that this cache was made for a model of `layers` layers and key/value width `kv_dim`.
+    pub(crate) fn check_model(&self, layers: usize, kv_dim: usize) -> Result<(), ModelError> {
+        if self.k.len() != layers || self.kv_dim != kv_dim {
+            return Err(ModelError::Shape(format!(
+                "a KV cache of {} layers × width {} for a model of {layers} layers × width {kv_dim}",
+                self.k.len(),
+                self.kv_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that a prompt of `t` tokens may be prefilled into sequence `seq`.
+    pub(crate) fn check_prefill(&self, seq: usize, t: usize) -> Result<(), ModelError> {
+        if seq >= self.batch {
+            return Err(ModelError::Shape(format!("sequence {seq} outside a cache of {}", self.batch)));
+        }
+        if t > self.cap {
+            return Err(ModelError::SequenceTooLong { t, context: self.cap });
+        }
+        Ok(())
+    }
+
     /// Checks that `seqs` may each take one more token.
     pub(crate) fn check_decode(&self, seqs: &[usize], tokens: &[u32], vocab: usize) -> Result<(), ModelError> {
         if tokens.len() != seqs.len() || seqs.is_empty() {

@@ -104,6 +104,13 @@ fn decode_matches_full_recompute() {
         let got = kiln_model::CausalLm::prefill(&mut m, &k, &mut cache, s, ids).unwrap();
         assert!(rel_err(&got, &last(&mut m, ids)) < 1e-5);
     }
+    // A cache shaped for another model, or a prompt longer than the cache, is an error.
+    let mut gpt_cache =
+        kiln_model::Gpt::new(kiln_model::GptConfig::preset("gpt-tiny", None).unwrap(), 1).unwrap().new_cache(1);
+    assert!(kiln_model::CausalLm::prefill(&mut m, &k, &mut gpt_cache, 0, &[1, 2]).is_err());
+    assert!(kiln_model::CausalLm::decode(&mut m, &k, &mut gpt_cache, &[0], &[1]).is_err());
+    let mut small = kiln_model::KvCache::new(m.config.n_layer, 1, 4, m.config.kv_dim());
+    assert!(kiln_model::CausalLm::prefill(&mut m, &k, &mut small, 0, &[1, 2, 3, 4, 5]).is_err());
     for step in 0..10 {
         let active: Vec<usize> = (0..3).filter(|&s| s != 1 || step % 2 == 0).collect();
         let toks: Vec<u32> = active.iter().map(|&s| ((step * 13 + s * 5) % 300) as u32).collect();

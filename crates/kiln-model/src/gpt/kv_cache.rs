@@ -71,9 +71,8 @@ impl Gpt {
         seq: usize,
         prompt: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
-        if seq >= cache.batch {
-            return Err(ModelError::Shape(format!("sequence {seq} outside a cache of {}", cache.batch)));
-        }
+        cache.check_model(self.config.n_layer, self.config.n_embd)?;
+        cache.check_prefill(seq, prompt.len())?;
         let logits = self.last_logits(k, prompt)?;
         let (t, c) = (prompt.len(), self.config.n_embd);
         let a = self.acts.as_ref().expect("last_logits ran the blocks");
@@ -109,10 +108,8 @@ impl Gpt {
         let cfg = &self.config;
         let (m, c, nh, hs, v, vp) =
             (seqs.len(), cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
+        cache.check_model(cfg.n_layer, c)?;
         cache.check_decode(seqs, tokens, v)?;
-        if cache.kv_dim != c {
-            return Err(ModelError::Shape(format!("a cache of width {} for a model of width {c}", cache.kv_dim)));
-        }
         let p = &self.params;
         let z = |n: usize| vec![0.0f32; n];
         let (mut x, mut ln, mut qkv, mut att, mut tmp, mut res2) =
