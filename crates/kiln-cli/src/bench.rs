@@ -1,7 +1,6 @@
 //! `kiln bench train`: the speed of one training step, with the machine's peak beside it.
 
 use clap::{Args, Subcommand};
-use kiln_model::GptConfig;
 use kiln_tensor::CpuKernels;
 
 use crate::{ui, usage};
@@ -76,16 +75,23 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
     if a.batch == 0 || a.seq == 0 {
         return Err(usage("--batch and --seq must be at least 1"));
     }
-    let mc = GptConfig::preset(&a.preset, a.vocab)?;
     let peak = kiln_tensor::probe::f32_peak_gflops();
     let k = CpuKernels::default();
     if let Some(dp) = a.dp {
-        return bench_train_dp(a, &mc, dp, &k);
+        return bench_train_dp(a, dp, &k);
     }
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar((a.warmup + a.steps) as u64, "bench step") };
-    let r = kiln_train::bench::bench_train(&a.preset, mc, a.batch, a.seq, a.warmup, a.steps, peak, &k, &mut |i, _| {
-        pb.set_position(i as u64)
-    })?;
+    let r = kiln_train::bench::bench_train(
+        &a.preset,
+        a.vocab,
+        a.batch,
+        a.seq,
+        a.warmup,
+        a.steps,
+        peak,
+        &k,
+        &mut |i, _| pb.set_position(i as u64),
+    )?;
     pb.finish_and_clear();
     let rss = ui::peak_rss_mb().unwrap_or(f64::NAN);
     if a.json {
@@ -124,8 +130,8 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
 }
 
 /// `kiln bench train --dp D [--zero 1]`: data-parallel steps, one thread pool per rank.
-fn bench_train_dp(a: &BenchTrainArgs, mc: &GptConfig, dp: usize, k: &CpuKernels) -> anyhow::Result<()> {
-    let r = kiln_train::bench_data_parallel(mc, a.batch, a.seq, a.warmup, a.steps, dp, a.zero, k)?;
+fn bench_train_dp(a: &BenchTrainArgs, dp: usize, k: &CpuKernels) -> anyhow::Result<()> {
+    let r = kiln_train::bench_data_parallel(&a.preset, a.vocab, a.batch, a.seq, a.warmup, a.steps, dp, a.zero, k)?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["preset"] = a.preset.clone().into();

@@ -23,7 +23,8 @@ pub struct TrainArgs {
     /// tokenizer.json (default: the one inside --data).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Model preset: gpt-tiny, gpt-s, gpt2-124m.
+    /// Model preset: gpt-tiny, gpt-s, gpt2-124m (GPT-2), llama-tiny, llama-s (Llama: RMSNorm,
+    /// RoPE, SwiGLU, grouped-query attention).
     #[arg(long)]
     pub preset: Option<String>,
     /// Custom size: layers (overrides the preset).

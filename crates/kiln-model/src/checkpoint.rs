@@ -23,7 +23,7 @@ impl HfTensorNames {
     }
 }
 
-fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
+pub(crate) fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
     ModelError::Checkpoint { path: path.display().to_string(), msg: msg.into() }
 }
 
@@ -238,13 +238,5 @@ pub fn resolve_model_dir(path: &Path) -> std::path::PathBuf {
 /// Loads any supported checkpoint directory (config.json + safetensors; a kiln run directory
 /// works too) as a generating model.
 pub fn load_causal_lm(dir: &Path) -> Result<Box<dyn crate::CausalLm>, ModelError> {
-    let dir = &resolve_model_dir(dir);
-    if !dir.join("config.json").is_file() {
-        return Err(ck_err(dir, "no config.json (is this a checkpoint directory?)"));
-    }
-    match read_model_type(dir)?.as_str() {
-        "gpt2" => Ok(Box::new(load_hf_dir(dir)?)),
-        "llama" | "qwen2" | "mistral" => Ok(Box::new(crate::load_llama_dir(dir)?)),
-        other => Err(ck_err(dir, format!("model_type '{other}' is not supported (gpt2, llama, qwen2, mistral are)"))),
-    }
+    Ok(crate::load_trainable(dir)?)
 }

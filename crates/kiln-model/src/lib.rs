@@ -9,6 +9,7 @@ mod gpt;
 mod llama;
 mod lm;
 mod sample;
+mod trainable;
 
 pub use checkpoint::{
     load_causal_lm, load_hf_dir, read_eos_token_ids, read_hf_config, read_model_type, read_safetensors_f32,
@@ -20,6 +21,7 @@ pub use gpt::{Gpt, ParamInfo};
 pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, LlamaConfig, LlamaPreset, LLAMA_PRESETS};
 pub use lm::{preset_model, CausalLm, KvCache};
 pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
+pub use trainable::{load_trainable, new_trainable, ShapeOverrides, TrainableLm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

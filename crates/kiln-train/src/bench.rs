@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use kiln_model::{Gpt, GptConfig};
+use kiln_model::{new_trainable, ShapeOverrides};
 use kiln_tensor::Kernels;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -36,7 +36,7 @@ pub struct TrainBench {
 #[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     preset: &str,
-    mc: GptConfig,
+    vocab: Option<usize>,
     batch: usize,
     seq: usize,
     warmup: usize,
@@ -48,25 +48,26 @@ pub fn bench_train(
     if steps == 0 {
         return Err(TrainError::Config("--steps must be at least 1".into()));
     }
-    if seq > mc.block_size {
-        return Err(TrainError::Config(format!("--seq {seq} is longer than the model's context of {}", mc.block_size)));
+    let mut model = new_trainable(preset, vocab, ShapeOverrides::default(), 1)?;
+    let (context, v) = (model.context_len(), model.vocab_size());
+    if seq > context {
+        return Err(TrainError::Config(format!("--seq {seq} is longer than the model's context of {context}")));
     }
-    let mut model = Gpt::new(mc.clone(), 1)?;
-    let mut opt = AdamW::new(&model);
+    let mut opt = AdamW::new(model.as_ref());
     let cfg = TrainConfig::default();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let n = batch * seq;
     let (mut f, mut b, mut o) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
-        let x: Vec<u32> = (0..n).map(|_| rng.random_range(0..mc.vocab_size as u32)).collect();
-        let y: Vec<u32> = (0..n).map(|_| rng.random_range(0..mc.vocab_size as u32)).collect();
+        let x: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let y: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
         let t0 = Instant::now();
         model.zero_grad();
         model.forward(k, &x, Some(&y), batch, seq)?;
         let t1 = Instant::now();
         model.backward(k, 1.0)?;
         let t2 = Instant::now();
-        opt.step(&mut model, k, 1e-4, &cfg);
+        opt.step(model.as_mut(), k, 1e-4, &cfg);
         let t3 = Instant::now();
         if i >= warmup {
             f.push((t1 - t0).as_secs_f64());
@@ -82,13 +83,13 @@ pub fn bench_train(
     let step_times: Vec<f64> = (0..steps).map(|i| f[i] + b[i] + o[i]).collect();
     let step_s = median(&mut step_times.clone());
     let tokens_per_s = n as f64 / step_s;
-    let gflops = mc.train_flops_per_token(seq) * tokens_per_s / 1e9;
+    let gflops = model.train_flops_per_token(seq) * tokens_per_s / 1e9;
     Ok(TrainBench {
         preset: preset.to_string(),
         batch,
         seq,
-        vocab: mc.vocab_size,
-        params: mc.num_params(),
+        vocab: v,
+        params: model.num_params(),
         threads: rayon::current_num_threads(),
         kernels: k.name(),
         steps,

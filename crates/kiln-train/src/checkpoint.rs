@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kiln_data::{SamplerState, Tokenizer};
-use kiln_model::{load_hf_dir, read_safetensors_f32, safetensors_bytes, save_hf_files, write_atomic, Gpt};
+use kiln_model::{load_trainable, read_safetensors_f32, safetensors_bytes, write_atomic, TrainableLm};
 use serde::{Deserialize, Serialize};
 
 use crate::{AdamW, TrainConfig, TrainError};
@@ -22,7 +22,7 @@ pub struct TrainingState {
 }
 
 pub struct Checkpoint {
-    pub model: Gpt,
+    pub model: Box<dyn TrainableLm>,
     pub tokenizer: Option<Tokenizer>,
     pub optimizer: Option<AdamW>,
     pub state: Option<TrainingState>,
@@ -44,7 +44,7 @@ pub fn resolve_checkpoint_dir(path: &Path) -> PathBuf {
 
 pub fn save_checkpoint(
     dir: &Path,
-    model: &Gpt,
+    model: &dyn TrainableLm,
     opt: &AdamW,
     state: &TrainingState,
     tokenizer: &Tokenizer,
@@ -59,7 +59,7 @@ pub fn save_checkpoint(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
 
-    save_hf_files(model, &tmp, tokenizer.eot_id())?;
+    model.save_hf(&tmp, tokenizer.eot_id())?;
     tokenizer.save(&tmp.join("tokenizer.json"))?;
 
     let mut tensors = Vec::new();
@@ -79,7 +79,7 @@ pub fn save_checkpoint(
         "format": "kiln-checkpoint",
         "version": 1,
         "kiln_version": env!("CARGO_PKG_VERSION"),
-        "architecture": "gpt2",
+        "architecture": model.model_type(),
         "precision": "fp32",
         "quantization": null,
         "pruning": null,
@@ -106,7 +106,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, TrainError> {
     if !dir.join("config.json").exists() {
         return Err(ck_err(&dir, "no config.json here: not a kiln or Hugging Face checkpoint directory"));
     }
-    let model = load_hf_dir(&dir)?;
+    let model = load_trainable(&dir)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     let state_path = dir.join("training_state.safetensors");
@@ -118,7 +118,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, TrainError> {
             .ok_or_else(|| ck_err(&state_path, "missing or invalid training state metadata"))?;
         let adam_t =
             meta.get("adam_t").and_then(|s| s.parse().ok()).ok_or_else(|| ck_err(&state_path, "missing adam_t"))?;
-        let mut opt = AdamW::new(&model);
+        let mut opt = AdamW::new(model.as_ref());
         opt.t = adam_t;
         for (i, info) in model.param_info().iter().enumerate() {
             let n: usize = info.shape.iter().product();

@@ -1,6 +1,6 @@
 //! AdamW over every parameter tensor, global-norm clipping, and the learning-rate schedule.
 
-use kiln_model::Gpt;
+use kiln_model::TrainableLm;
 use kiln_tensor::kernels::AdamWStep;
 use kiln_tensor::Kernels;
 
@@ -28,30 +28,31 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(model: &Gpt) -> AdamW {
+    pub fn new(model: &dyn TrainableLm) -> AdamW {
         AdamW {
-            m: model.params.iter().map(|p| vec![0.0; p.len()]).collect(),
-            v: model.params.iter().map(|p| vec![0.0; p.len()]).collect(),
+            m: model.params().iter().map(|p| vec![0.0; p.len()]).collect(),
+            v: model.params().iter().map(|p| vec![0.0; p.len()]).collect(),
             t: 0,
         }
     }
 
     /// Global L2 norm of all gradients.
-    pub fn grad_norm(model: &Gpt, k: &dyn Kernels) -> f32 {
-        model.grads.iter().map(|g| k.sum_of_squares(g)).sum::<f64>().sqrt() as f32
+    pub fn grad_norm(model: &dyn TrainableLm, k: &dyn Kernels) -> f32 {
+        model.grads().iter().map(|g| k.sum_of_squares(g)).sum::<f64>().sqrt() as f32
     }
 
     /// Clips the gradients to `clip` total norm (as `torch.nn.utils.clip_grad_norm_`: scale by
     /// clip / (norm + 1e-6) when that is below 1) and takes one AdamW step. Returns the norm
     /// before clipping.
-    pub fn step(&mut self, model: &mut Gpt, k: &dyn Kernels, lr: f32, cfg: &TrainConfig) -> f32 {
+    pub fn step(&mut self, model: &mut dyn TrainableLm, k: &dyn Kernels, lr: f32, cfg: &TrainConfig) -> f32 {
         let norm = Self::grad_norm(model, k);
         let grad_scale = clip_scale(cfg, norm);
         self.t += 1;
         let info = model.param_info().to_vec();
-        for (i, p) in model.params.iter_mut().enumerate() {
+        let (params, grads) = model.params_and_grads();
+        for (i, p) in params.iter_mut().enumerate() {
             let s = step_params(cfg, lr, info[i].decay, self.t, grad_scale);
-            k.adamw_update(p, &model.grads[i], &mut self.m[i], &mut self.v[i], &s);
+            k.adamw_update(p, &grads[i], &mut self.m[i], &mut self.v[i], &s);
         }
         norm
     }

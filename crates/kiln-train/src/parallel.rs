@@ -4,7 +4,7 @@
 //! single-rank sampler would draw, keeping only its rows; the gradients are then averaged over
 //! the ranks, so a step computes the same mean-loss gradient as one rank on the whole batch.
 //! The gradients travel in buckets of the flattened parameters after the last micro-batch
-//! (`Gpt::backward` runs the whole model in one call, so there is no per-layer hook to start
+//! (`TrainableLm::backward` runs the whole model in one call, so there is no per-layer hook to start
 //! a bucket early: the all-reduce does not overlap backward).
 //!
 //! ZeRO-1 shards the AdamW moments: each bucket is reduce-scattered, each rank updates the
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use kiln_comm::{shard_range, Comm, ReduceOp, ThreadComm};
 use kiln_data::{BatchSampler, Dataset};
-use kiln_model::Gpt;
+use kiln_model::TrainableLm;
 use kiln_tensor::Kernels;
 
 use crate::optim::{clip_scale, step_params};
@@ -38,7 +38,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(model: &Gpt, bucket: usize) -> Layout {
+    fn new(model: &dyn TrainableLm, bucket: usize) -> Layout {
         let mut offsets = vec![0];
         for info in model.param_info() {
             offsets.push(offsets[offsets.len() - 1] + info.shape.iter().product::<usize>());
@@ -111,7 +111,7 @@ impl DpRank {
     fn new(
         comm: Box<dyn Comm>,
         threads: usize,
-        model: &Gpt,
+        model: &dyn TrainableLm,
         opt: &AdamW,
         zero: bool,
         cfg: &TrainConfig,
@@ -167,7 +167,7 @@ impl DpRank {
     /// mean loss and the global gradient norm before clipping, the same on every rank.
     pub fn step(
         &mut self,
-        model: &mut Gpt,
+        model: &mut dyn TrainableLm,
         opt: &mut AdamW,
         k: &dyn Kernels,
         cfg: &TrainConfig,
@@ -207,25 +207,25 @@ impl DpRank {
         Ok(((sums[0] / d as f64) as f32, norm))
     }
 
-    fn all_reduce_grads(&mut self, model: &mut Gpt) -> Result<(), TrainError> {
+    fn all_reduce_grads(&mut self, model: &mut dyn TrainableLm) -> Result<(), TrainError> {
         if self.comm.size() == 1 {
             return Ok(()); // a one-rank group (the benchmark's baseline) has nothing to exchange
         }
         for b in self.layout.buckets.clone() {
             let buf = &mut self.staging[..b.len()];
-            self.layout.pack(b.clone(), &model.grads, buf);
+            self.layout.pack(b.clone(), model.grads(), buf);
             self.comm.all_reduce(buf, ReduceOp::Mean)?;
-            self.layout.unpack(b, buf, &mut model.grads);
+            self.layout.unpack(b, buf, model.grads_mut());
         }
         Ok(())
     }
 
-    fn reduce_scatter_grads(&mut self, model: &Gpt) -> Result<(), TrainError> {
+    fn reduce_scatter_grads(&mut self, model: &dyn TrainableLm) -> Result<(), TrainError> {
         let z = self.zero.as_mut().expect("zero");
         let mut off = 0;
         for (b, fr) in self.layout.buckets.iter().zip(&self.mine) {
             let buf = &mut self.staging[..b.len()];
-            self.layout.pack(b.clone(), &model.grads, buf);
+            self.layout.pack(b.clone(), model.grads(), buf);
             self.comm.reduce_scatter(buf, &mut z.g[off..off + fr.len()], ReduceOp::Mean)?;
             off += fr.len();
         }
@@ -233,7 +233,7 @@ impl DpRank {
     }
 
     /// AdamW on this rank's shard, tensor piece by tensor piece (weight decay is per tensor).
-    fn update_shard(&mut self, model: &mut Gpt, k: &dyn Kernels, cfg: &TrainConfig, lr: f32, norm: f32) {
+    fn update_shard(&mut self, model: &mut dyn TrainableLm, k: &dyn Kernels, cfg: &TrainConfig, lr: f32, norm: f32) {
         let z = self.zero.as_mut().expect("zero");
         z.t += 1;
         let scale = clip_scale(cfg, norm);
@@ -245,7 +245,7 @@ impl DpRank {
                     let s = step_params(cfg, lr, layout.decay[i], z.t, scale);
                     let span = off + o..off + o + tr.len();
                     k.adamw_update(
-                        &mut model.params[i][tr],
+                        &mut model.params_mut()[i][tr],
                         &z.g[span.clone()],
                         &mut z.m[span.clone()],
                         &mut z.v[span],
@@ -257,20 +257,20 @@ impl DpRank {
         });
     }
 
-    fn all_gather_params(&mut self, model: &mut Gpt) -> Result<(), TrainError> {
+    fn all_gather_params(&mut self, model: &mut dyn TrainableLm) -> Result<(), TrainError> {
         let mut mine_buf = Vec::new();
         for (b, fr) in self.layout.buckets.clone().into_iter().zip(self.mine.clone()) {
             mine_buf.resize(fr.len(), 0.0);
-            self.layout.pack(fr, &model.params, &mut mine_buf);
+            self.layout.pack(fr, model.params(), &mut mine_buf);
             let buf = &mut self.staging[..b.len()];
             self.comm.all_gather(&mine_buf, buf)?;
-            self.layout.unpack(b, buf, &mut model.params);
+            self.layout.unpack(b, buf, model.params_mut());
         }
         Ok(())
     }
 
     /// Under ZeRO-1, all-gathers the moments (collective). With `keep`, returns them unsharded.
-    pub fn gather_moments(&mut self, model: &Gpt, keep: bool) -> Result<Option<AdamW>, TrainError> {
+    pub fn gather_moments(&mut self, model: &dyn TrainableLm, keep: bool) -> Result<Option<AdamW>, TrainError> {
         let Some(z) = &self.zero else { return Ok(None) };
         let mut full = keep.then(|| AdamW::new(model));
         let mut off = 0;
@@ -297,9 +297,11 @@ impl DpRank {
 }
 
 /// A copy of `model`'s parameters in a model of its own.
-fn replica(model: &Gpt) -> Result<Gpt, TrainError> {
-    let mut m = Gpt::zeros(model.config.clone())?;
-    m.params = model.params.clone();
+fn replica(model: &dyn TrainableLm) -> Result<Box<dyn TrainableLm>, TrainError> {
+    let mut m = model.zeros_like()?;
+    for (dst, src) in m.params_mut().iter_mut().zip(model.params()) {
+        dst.copy_from_slice(src);
+    }
     Ok(m)
 }
 
@@ -311,7 +313,7 @@ fn threads_per_rank(d: usize) -> usize {
 /// A rank other than 0: trains its replica in lockstep with rank 0 and does no I/O.
 struct Worker {
     rank: DpRank,
-    model: Gpt,
+    model: Box<dyn TrainableLm>,
     opt: AdamW,
     sampler: BatchSampler,
     data: Arc<Dataset>,
@@ -328,13 +330,20 @@ impl Worker {
             let sampler = &mut self.sampler;
             let mut next =
                 |x: &mut [u32], y: &mut [u32]| sampler.next_batch(&data.train, x, y).map_err(TrainError::from);
-            self.rank.step(&mut self.model, &mut self.opt, self.kernels.as_ref(), cfg, lr_at(step, cfg), &mut next)?;
+            self.rank.step(
+                self.model.as_mut(),
+                &mut self.opt,
+                self.kernels.as_ref(),
+                cfg,
+                lr_at(step, cfg),
+                &mut next,
+            )?;
             // Rank 0 gathers the moments to checkpoint them: take part.
             if checkpoint_due(step + 1, self.stop, cfg) {
-                self.rank.gather_moments(&self.model, false)?;
+                self.rank.gather_moments(self.model.as_ref(), false)?;
             }
         }
-        self.rank.gather_moments(&self.model, false)?;
+        self.rank.gather_moments(self.model.as_ref(), false)?;
         Ok(())
     }
 }
@@ -353,13 +362,13 @@ pub(crate) fn run_data_parallel(
     let threads = threads_per_rank(d);
     let mut ranks = Vec::with_capacity(d);
     for c in ThreadComm::group(d, Duration::from_secs(cfg.comm_timeout_s)) {
-        ranks.push(DpRank::new(Box::new(c), threads, &tr.model, &tr.opt, zero, &cfg)?);
+        ranks.push(DpRank::new(Box::new(c), threads, tr.model.as_ref(), &tr.opt, zero, &cfg)?);
     }
     let mut workers = Vec::with_capacity(d - 1);
     for rank in ranks.drain(1..) {
         workers.push(Worker {
             rank,
-            model: replica(&tr.model)?,
+            model: replica(tr.model.as_ref())?,
             opt: if zero { AdamW { m: Vec::new(), v: Vec::new(), t: tr.opt.t } } else { tr.opt.clone() },
             sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
             data: tr.data.clone(),
@@ -435,7 +444,8 @@ pub struct DpBench {
 /// ranks a thread with its share of the cores; batch is the global micro-batch.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_data_parallel(
-    mc: &kiln_model::GptConfig,
+    preset: &str,
+    vocab: Option<usize>,
     batch: usize,
     seq: usize,
     warmup: usize,
@@ -452,15 +462,15 @@ pub fn bench_data_parallel(
     }
     let threads = threads_per_rank(dp);
     let results = ThreadComm::launch(dp, Duration::from_secs(cfg.comm_timeout_s), |c| -> Result<_, TrainError> {
-        let mut model = Gpt::new(mc.clone(), 1)?;
-        let mut opt = AdamW::new(&model);
-        let mut rank = DpRank::new(Box::new(c), threads, &model, &opt, zero == 1, &cfg)?;
+        let mut model = kiln_model::new_trainable(preset, vocab, Default::default(), 1)?;
+        let v = model.vocab_size() as u32;
+        let mut opt = AdamW::new(model.as_ref());
+        let mut rank = DpRank::new(Box::new(c), threads, model.as_ref(), &opt, zero == 1, &cfg)?;
         if zero == 1 {
             opt.m = Vec::new();
             opt.v = Vec::new();
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let v = mc.vocab_size as u32;
         let mut next = |x: &mut [u32], y: &mut [u32]| {
             x.iter_mut().chain(y.iter_mut()).for_each(|t| *t = rng.random_range(0..v));
             Ok(())
@@ -469,7 +479,7 @@ pub fn bench_data_parallel(
         for i in 0..warmup + steps {
             rank.comm.barrier()?;
             let (t0, c0) = (Instant::now(), rank.comm_secs);
-            rank.step(&mut model, &mut opt, k, &cfg, 1e-4, &mut next)?;
+            rank.step(model.as_mut(), &mut opt, k, &cfg, 1e-4, &mut next)?;
             let mut dt = [t0.elapsed().as_secs_f64(), rank.comm_secs - c0];
             rank.comm.all_reduce_f64(&mut dt, ReduceOp::Max)?;
             if i >= warmup {
@@ -519,7 +529,7 @@ mod tests {
     #[test]
     fn layout_pieces_cover_ranges_across_tensor_boundaries() {
         let cfg = kiln_model::GptConfig::preset("gpt-tiny", Some(101)).unwrap();
-        let model = Gpt::new(cfg, 3).unwrap();
+        let model = kiln_model::Gpt::new(cfg, 3).unwrap();
         let layout = Layout::new(&model, 1000);
         let total = layout.offsets[layout.offsets.len() - 1];
         assert_eq!(layout.buckets.iter().map(|b| b.len()).sum::<usize>(), total);

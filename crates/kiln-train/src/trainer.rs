@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kiln_data::{eval_batches, BatchSampler, Dataset, SamplerState, Tokenizer};
-use kiln_model::{generate, Gpt, GptConfig, SamplingParams};
+use kiln_model::{generate, new_trainable, SamplingParams, ShapeOverrides, TrainableLm};
 use kiln_tensor::Kernels;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -36,7 +36,7 @@ pub enum Event<'a> {
 
 /// Mean loss over the given `(inputs, targets)` batches of shape `[b, t]`.
 pub fn evaluate(
-    model: &mut Gpt,
+    model: &mut dyn TrainableLm,
     k: &dyn Kernels,
     batches: &[(Vec<u32>, Vec<u32>)],
     b: usize,
@@ -51,7 +51,7 @@ pub fn evaluate(
 
 pub struct Trainer {
     pub cfg: TrainConfig,
-    pub model: Gpt,
+    pub model: Box<dyn TrainableLm>,
     pub opt: AdamW,
     pub tokenizer: Tokenizer,
     pub step: u64,
@@ -69,15 +69,11 @@ pub(crate) fn checkpoint_due(step: u64, stop: u64, cfg: &TrainConfig) -> bool {
 }
 
 impl Trainer {
-    /// The model configuration a training config asks for, sized to the tokenizer.
-    pub fn model_config(cfg: &TrainConfig, vocab_size: usize) -> Result<GptConfig, TrainError> {
-        let mut mc = GptConfig::preset(&cfg.preset, Some(vocab_size))?;
-        mc.n_layer = cfg.n_layer.unwrap_or(mc.n_layer);
-        mc.n_head = cfg.n_head.unwrap_or(mc.n_head);
-        mc.n_embd = cfg.n_embd.unwrap_or(mc.n_embd);
-        mc.block_size = cfg.context.unwrap_or(mc.block_size);
-        mc.validate()?;
-        Ok(mc)
+    /// The freshly initialised model a training config asks for (GPT-2 or Llama family by
+    /// preset), sized to the tokenizer.
+    pub fn new_model(cfg: &TrainConfig, vocab_size: usize) -> Result<Box<dyn TrainableLm>, TrainError> {
+        let o = ShapeOverrides { n_layer: cfg.n_layer, n_head: cfg.n_head, n_embd: cfg.n_embd, context: cfg.context };
+        Ok(new_trainable(&cfg.preset, Some(vocab_size), o, cfg.seed)?)
     }
 
     /// A fresh run: a new model sized to the tokenizer, seeded by `cfg.seed`.
@@ -88,9 +84,8 @@ impl Trainer {
         kernels: Box<dyn Kernels>,
     ) -> Result<Trainer, TrainError> {
         cfg.validate()?;
-        let mc = Self::model_config(&cfg, tokenizer.vocab_size())?;
-        let model = Gpt::new(mc, cfg.seed)?;
-        let opt = AdamW::new(&model);
+        let model = Self::new_model(&cfg, tokenizer.vocab_size())?;
+        let opt = AdamW::new(model.as_ref());
         let sampler = BatchSampler::new(cfg.seed, cfg.batch, cfg.seq);
         let t = Trainer {
             cfg,
@@ -140,19 +135,18 @@ impl Trainer {
 
     /// Errors that are cheaper to report before the first step than after an hour.
     fn check_fit(&self) -> Result<(), TrainError> {
-        let mc = &self.model.config;
-        if self.cfg.seq > mc.block_size {
+        let (context, vocab) = (self.model.context_len(), self.model.vocab_size());
+        if self.cfg.seq > context {
             return Err(TrainError::Config(format!(
-                "--seq {} is longer than the model's context of {}",
-                self.cfg.seq, mc.block_size
+                "--seq {} is longer than the model's context of {context}",
+                self.cfg.seq
             )));
         }
-        if self.data.vocab_size > mc.vocab_size || self.tokenizer.vocab_size() > mc.vocab_size {
+        if self.data.vocab_size > vocab || self.tokenizer.vocab_size() > vocab {
             return Err(TrainError::Config(format!(
-                "the data/tokenizer vocabulary ({} / {}) does not fit the model's {}",
+                "the data/tokenizer vocabulary ({} / {}) does not fit the model's {vocab}",
                 self.data.vocab_size,
                 self.tokenizer.vocab_size(),
-                mc.vocab_size
             )));
         }
         let need = self.cfg.seq + 1;
@@ -182,12 +176,12 @@ impl Trainer {
     }
 
     pub fn save(&self) -> Result<(), TrainError> {
-        if self.opt.m.len() != self.model.params.len() {
+        if self.opt.m.len() != self.model.params().len() {
             return Err(TrainError::Parallel(
                 "the AdamW moments were sharded over ranks of a data-parallel run that failed: nothing to save".into(),
             ));
         }
-        save_checkpoint(&self.checkpoint_dir(), &self.model, &self.opt, &self.state(), &self.tokenizer)
+        save_checkpoint(&self.checkpoint_dir(), self.model.as_ref(), &self.opt, &self.state(), &self.tokenizer)
     }
 
     /// `save`, gathering the moments first when ZeRO-1 holds them sharded (a collective).
@@ -195,8 +189,8 @@ impl Trainer {
         let state = self.state();
         match self.dp.as_mut() {
             Some(rank) if rank.is_zero() => {
-                let full = rank.gather_moments(&self.model, true)?.expect("kept");
-                save_checkpoint(&self.checkpoint_dir(), &self.model, &full, &state, &self.tokenizer)
+                let full = rank.gather_moments(self.model.as_ref(), true)?.expect("kept");
+                save_checkpoint(&self.checkpoint_dir(), self.model.as_ref(), &full, &state, &self.tokenizer)
             }
             _ => self.save(),
         }
@@ -204,7 +198,8 @@ impl Trainer {
 
     /// Ends a data-parallel run: under ZeRO-1 the moments come back to `self.opt`.
     pub(crate) fn finish_data_parallel(&mut self) -> Result<(), TrainError> {
-        if let Some(full) = self.dp.as_mut().map(|r| r.gather_moments(&self.model, true)).transpose()?.flatten() {
+        if let Some(full) = self.dp.as_mut().map(|r| r.gather_moments(self.model.as_ref(), true)).transpose()?.flatten()
+        {
             self.opt = full;
         }
         Ok(())
@@ -217,7 +212,7 @@ impl Trainer {
             let (data, sampler) = (&self.data, &mut self.sampler);
             let mut next =
                 |x: &mut [u32], y: &mut [u32]| sampler.next_batch(&data.train, x, y).map_err(TrainError::from);
-            return rank.step(&mut self.model, &mut self.opt, self.kernels.as_ref(), cfg, lr, &mut next);
+            return rank.step(self.model.as_mut(), &mut self.opt, self.kernels.as_ref(), cfg, lr, &mut next);
         }
         let (b, t) = (cfg.batch, cfg.seq);
         let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
@@ -229,7 +224,7 @@ impl Trainer {
             self.model.backward(self.kernels.as_ref(), 1.0 / cfg.grad_accum as f32)?;
             loss += l as f64 / cfg.grad_accum as f64;
         }
-        let grad_norm = self.opt.step(&mut self.model, self.kernels.as_ref(), lr, cfg);
+        let grad_norm = self.opt.step(self.model.as_mut(), self.kernels.as_ref(), lr, cfg);
         Ok((loss as f32, grad_norm))
     }
 
@@ -243,7 +238,7 @@ impl Trainer {
         let params = SamplingParams { temperature: 0.8, top_k: 40, ..Default::default() };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9));
         let ids = generate(
-            &mut self.model,
+            self.model.as_mut(),
             self.kernels.as_ref(),
             &prompt,
             self.cfg.sample_tokens,
@@ -285,11 +280,7 @@ impl Trainer {
             .map_err(|e| TrainError::Io { path: metrics_path.display().to_string(), source: e })?;
         let val =
             if self.data.val.len() > t { eval_batches(&self.data.val, b, t, cfg.eval_batches)? } else { Vec::new() };
-        on_event(Event::Started {
-            start_step: self.step,
-            total_steps: cfg.steps,
-            params: self.model.config.num_params(),
-        });
+        on_event(Event::Started { start_step: self.step, total_steps: cfg.steps, params: self.model.num_params() });
 
         while self.step < stop {
             let start = Instant::now();
@@ -311,7 +302,7 @@ impl Trainer {
             };
             let mut samples = Vec::new();
             if !val.is_empty() && (self.step.is_multiple_of(cfg.eval_every) || self.step == cfg.steps) {
-                m.val_loss = Some(evaluate(&mut self.model, self.kernels.as_ref(), &val, b, t)?);
+                m.val_loss = Some(evaluate(self.model.as_mut(), self.kernels.as_ref(), &val, b, t)?);
                 samples = self.samples()?;
             }
             let line = serde_json::to_string(&m).expect("metrics serialise");

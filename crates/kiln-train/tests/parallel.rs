@@ -100,6 +100,19 @@ fn data_parallel_and_zero1_match_the_single_rank_run() {
     assert_close("dp=2 grad-accum 2", &run(&accum("dp2-acc", 2), &tok, &data), &single_acc);
 }
 
+/// The same plans train a Llama (RMSNorm, RoPE, SwiGLU, grouped-query attention).
+#[test]
+fn data_parallel_and_zero1_train_llama_like_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let llama =
+        |name: &str, dp, zero| TrainConfig { preset: "llama-tiny".into(), dp, zero, ..base_cfg(tmp.path(), name) };
+    let single = run(&llama("single", 1, 0), &tok, &data);
+    assert!(single[9].1 < single[0].1, "loss did not fall: {single:?}");
+    assert_close("llama dp=2", &run(&llama("dp2", 2, 0), &tok, &data), &single);
+    assert_close("llama dp=2 ZeRO-1", &run(&llama("zero", 2, 1), &tok, &data), &single);
+}
+
 /// The same on a small gpt-s-shaped model (more layers and a wider residual stream), with the
 /// moments compared after the run as well.
 #[test]

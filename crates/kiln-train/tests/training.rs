@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use kiln_data::{synthetic, Dataset, PrepareOptions, Tokenizer};
-use kiln_model::{read_safetensors_f32, Gpt, GptConfig};
+use kiln_model::{load_trainable, read_safetensors_f32, Gpt, GptConfig};
 use kiln_tensor::{CpuKernels, Kernels};
 use kiln_train::{load_checkpoint, AdamW, Event, TrainConfig, Trainer};
 
@@ -66,6 +66,46 @@ fn ten_adamw_steps_match_pytorch() {
     }
 }
 
+/// tools/llama_train_reference.py: 10 AdamW steps of `transformers`' Llama (GQA, untied head)
+/// and Qwen2 (q/k/v biases, tied head) from the committed checkpoints, through kiln's trainer
+/// path (`TrainableLm` + `AdamW`).
+#[test]
+fn llama_family_training_matches_pytorch() {
+    for name in ["llama", "qwen2"] {
+        let (t, meta) = read_safetensors_f32(&fixture(&format!("{name}_train_ref.safetensors"))).unwrap();
+        let get = |k: &str| meta[k].parse::<f64>().unwrap();
+        let mut model = load_trainable(&fixture(&format!("hf_{name}_tiny"))).unwrap();
+        let tc = TrainConfig {
+            beta1: get("beta1") as f32,
+            beta2: get("beta2") as f32,
+            eps: get("eps") as f32,
+            weight_decay: get("weight_decay") as f32,
+            grad_clip: get("grad_clip") as f32,
+            ..Default::default()
+        };
+        let (b, s, lr) = (get("batch") as usize, get("seq") as usize, get("lr") as f32);
+        let x: Vec<u32> = t["x"].1.iter().map(|&v| v as u32).collect();
+        let y: Vec<u32> = t["y"].1.iter().map(|&v| v as u32).collect();
+        let k = CpuKernels::default();
+        let mut opt = AdamW::new(model.as_ref());
+        let (mut losses, mut norms) = (Vec::new(), Vec::new());
+        for _ in 0..10 {
+            model.zero_grad();
+            losses.push(model.forward(&k, &x, Some(&y), b, s).unwrap().unwrap());
+            model.backward(&k, 1.0).unwrap();
+            norms.push(opt.step(model.as_mut(), &k, lr, &tc));
+        }
+        let want = &t["losses"].1;
+        for (i, (a, w)) in losses.iter().zip(want).enumerate() {
+            assert!(((a - w) / w).abs() < 1e-4, "{name} step {i}: loss {a} vs PyTorch {w}");
+        }
+        let e = rel_err(&norms, &t["grad_norms"].1);
+        assert!(e < 1e-4, "{name} grad norms relative error {e:e}");
+        let worst = losses.iter().zip(want).map(|(a, w)| ((a - w) / w).abs()).fold(0.0f32, f32::max);
+        eprintln!("{name}: 10 losses within {worst:.1e} relative of PyTorch, grad norms {e:.1e}");
+    }
+}
+
 /// K micro-batches of B give the gradients of one batch of K·B.
 #[test]
 fn gradient_accumulation_matches_one_big_batch() {
@@ -112,7 +152,7 @@ fn gradient_accumulation_matches_one_big_batch() {
     }
 }
 
-fn tiny_run(dir: &std::path::Path) -> (TrainConfig, Tokenizer, std::path::PathBuf) {
+fn tiny_run(dir: &std::path::Path, preset: &str) -> (TrainConfig, Tokenizer, std::path::PathBuf) {
     let corpus = dir.join("corpus.txt");
     synthetic::write_corpus(3, 60_000, &corpus).unwrap();
     let tok = Tokenizer::train_bpe(std::slice::from_ref(&corpus), 300).unwrap();
@@ -120,7 +160,7 @@ fn tiny_run(dir: &std::path::Path) -> (TrainConfig, Tokenizer, std::path::PathBu
     let opts = PrepareOptions { val_fraction: 0.1, ..Default::default() };
     kiln_data::prepare(&[corpus.display().to_string()], &tok, &data, &opts, &mut |_, _| {}).unwrap();
     let cfg = TrainConfig {
-        preset: "gpt-tiny".into(),
+        preset: preset.into(),
         steps: 6,
         batch: 2,
         seq: 32,
@@ -147,11 +187,18 @@ fn losses_of(metrics: &std::path::Path) -> Vec<(u64, u32)> {
         .collect()
 }
 
-/// Stop at step 3, resume, finish: the same loss bits as a run that never stopped.
+/// Stop at step 3, resume, finish: the same loss bits as a run that never stopped, for GPT-2
+/// and for Llama.
 #[test]
 fn resume_is_bit_identical() {
+    for preset in ["gpt-tiny", "llama-tiny"] {
+        resume_is_bit_identical_for(preset);
+    }
+}
+
+fn resume_is_bit_identical_for(preset: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let (cfg, tok, data) = tiny_run(tmp.path());
+    let (cfg, tok, data) = tiny_run(tmp.path(), preset);
     let kern = || -> Box<dyn Kernels> { Box::new(CpuKernels::default()) };
 
     let mut full_cfg = cfg.clone();
@@ -160,7 +207,7 @@ fn resume_is_bit_identical() {
     full.run(&mut |_| {}).unwrap();
     let want = losses_of(&full_cfg.metrics_path());
     assert_eq!(want.len(), 6);
-    assert!(f32::from_bits(want[5].1) < f32::from_bits(want[0].1), "loss did not fall: {want:?}");
+    assert!(f32::from_bits(want[5].1) < f32::from_bits(want[0].1), "{preset}: loss did not fall: {want:?}");
 
     let mut part = Trainer::new(cfg.clone(), tok, Dataset::open(&data).unwrap(), kern()).unwrap();
     let mut saved = false;
@@ -168,8 +215,9 @@ fn resume_is_bit_identical() {
     assert!(saved);
     drop(part);
     let ck = load_checkpoint(&cfg.out).unwrap();
+    assert_eq!(ck.model.model_type(), if preset.starts_with("llama") { "llama" } else { "gpt2" });
     let mut resumed = Trainer::resume(ck, cfg.clone(), Dataset::open(&data).unwrap(), kern()).unwrap();
     assert_eq!(resumed.step, 3);
     resumed.run(&mut |_| {}).unwrap();
-    assert_eq!(losses_of(&cfg.metrics_path()), want, "resumed run diverged from the uninterrupted one");
+    assert_eq!(losses_of(&cfg.metrics_path()), want, "{preset}: resumed run diverged from the uninterrupted one");
 }

@@ -1,0 +1,205 @@
+//! What a trainer needs of a model, for every architecture: the parameter tensors by name, a
+//! forward with a loss, a backward that accumulates gradients, and a Hugging Face save. The
+//! trainer, the optimizer and the data-parallel engine see only this trait, so GPT-2 and the
+//! Llama family train, resume and run data parallel through one code path.
+
+use std::path::Path;
+
+use kiln_tensor::Kernels;
+
+use crate::checkpoint::{ck_err, load_hf_dir, read_model_type, resolve_model_dir, save_hf_files};
+use crate::{CausalLm, Gpt, GptConfig, Llama, LlamaConfig, ModelError, ParamInfo};
+
+pub trait TrainableLm: CausalLm {
+    /// Name, logical shape and weight-decay flag of every tensor, in storage order.
+    fn param_info(&self) -> &[ParamInfo];
+    /// One buffer per tensor (a buffer may be padded past its logical shape).
+    fn params(&self) -> &[Vec<f32>];
+    fn params_mut(&mut self) -> &mut [Vec<f32>];
+    /// Same layout as `params`; empty until the first `zero_grad` or backward.
+    fn grads(&self) -> &[Vec<f32>];
+    fn grads_mut(&mut self) -> &mut [Vec<f32>];
+    /// The parameters beside their gradients, for an optimizer that writes one and reads the other.
+    fn params_and_grads(&mut self) -> (&mut [Vec<f32>], &[Vec<f32>]);
+    fn zero_grad(&mut self);
+    /// Forward over `tokens [b, t]`; with targets, the mean cross-entropy (kept for backward).
+    fn forward(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, ModelError>;
+    /// Backward of the last forward's mean loss times `loss_scale`, accumulated into the gradients.
+    fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError>;
+    /// A model of the same shape with every parameter zero (a data-parallel replica).
+    fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError>;
+    /// Bytes of parameters, gradients and activations held now.
+    fn memory_bytes(&self) -> usize;
+    /// config.json and model.safetensors with Hugging Face names, into `dir`.
+    fn save_hf(&self, dir: &Path, eos: Option<u32>) -> Result<(), ModelError>;
+    /// Training FLOPs per token at sequence length `t` (nanoGPT / PaLM convention: 6 per
+    /// parameter that takes part in a matmul, plus 12·L·T·(attention width) for attention).
+    fn train_flops_per_token(&self, t: usize) -> f64;
+}
+
+impl TrainableLm for Gpt {
+    fn param_info(&self) -> &[ParamInfo] {
+        Gpt::param_info(self)
+    }
+    fn params(&self) -> &[Vec<f32>] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Vec<f32>] {
+        &mut self.params
+    }
+    fn grads(&self) -> &[Vec<f32>] {
+        &self.grads
+    }
+    fn grads_mut(&mut self) -> &mut [Vec<f32>] {
+        &mut self.grads
+    }
+    fn params_and_grads(&mut self) -> (&mut [Vec<f32>], &[Vec<f32>]) {
+        (&mut self.params, &self.grads)
+    }
+    fn zero_grad(&mut self) {
+        Gpt::zero_grad(self)
+    }
+    fn forward(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, ModelError> {
+        Gpt::forward(self, k, tokens, targets, b, t)
+    }
+    fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+        Gpt::backward(self, k, loss_scale)
+    }
+    fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError> {
+        Ok(Box::new(Gpt::zeros(self.config.clone())?))
+    }
+    fn memory_bytes(&self) -> usize {
+        Gpt::memory_bytes(self)
+    }
+    fn save_hf(&self, dir: &Path, eos: Option<u32>) -> Result<(), ModelError> {
+        save_hf_files(self, dir, eos)
+    }
+    fn train_flops_per_token(&self, t: usize) -> f64 {
+        self.config.train_flops_per_token(t)
+    }
+}
+
+impl TrainableLm for Llama {
+    fn param_info(&self) -> &[ParamInfo] {
+        Llama::param_info(self)
+    }
+    fn params(&self) -> &[Vec<f32>] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Vec<f32>] {
+        &mut self.params
+    }
+    fn grads(&self) -> &[Vec<f32>] {
+        &self.grads
+    }
+    fn grads_mut(&mut self) -> &mut [Vec<f32>] {
+        &mut self.grads
+    }
+    fn params_and_grads(&mut self) -> (&mut [Vec<f32>], &[Vec<f32>]) {
+        (&mut self.params, &self.grads)
+    }
+    fn zero_grad(&mut self) {
+        Llama::zero_grad(self)
+    }
+    fn forward(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, ModelError> {
+        Llama::forward(self, k, tokens, targets, b, t)
+    }
+    fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+        Llama::backward(self, k, loss_scale)
+    }
+    fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError> {
+        Ok(Box::new(Llama::zeros(self.config.clone())?))
+    }
+    fn memory_bytes(&self) -> usize {
+        Llama::memory_bytes(self)
+    }
+    fn save_hf(&self, dir: &Path, eos: Option<u32>) -> Result<(), ModelError> {
+        crate::save_llama_hf_files(self, dir, eos, None)
+    }
+    fn train_flops_per_token(&self, t: usize) -> f64 {
+        let c = &self.config;
+        // The embedding lookup is not a matmul unless the table is also the (tied) head.
+        let lookup = if c.tie_embeddings { 0 } else { c.vocab_size * c.n_embd };
+        6.0 * (c.num_params() - lookup) as f64 + 12.0 * (c.n_layer * t * c.q_dim()) as f64
+    }
+}
+
+/// Shape overrides a training run may put on a preset (`--layers`, `--heads`, `--embd`, `--context`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShapeOverrides {
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub context: Option<usize>,
+}
+
+/// A freshly initialised model of preset `name` (GPT-2 or Llama family), sized to `vocab`
+/// (the preset's own vocabulary when `None`).
+pub fn new_trainable(
+    name: &str,
+    vocab: Option<usize>,
+    o: ShapeOverrides,
+    seed: u64,
+) -> Result<Box<dyn TrainableLm>, ModelError> {
+    if name.starts_with("llama") {
+        let mut mc = LlamaConfig::preset(name, vocab)?;
+        mc.n_layer = o.n_layer.unwrap_or(mc.n_layer);
+        mc.n_embd = o.n_embd.unwrap_or(mc.n_embd);
+        mc.block_size = o.context.unwrap_or(mc.block_size);
+        if let Some(h) = o.n_head {
+            // Keep the preset's grouping where it divides the new head count, else plain MHA.
+            mc.n_kv_head = if h % mc.n_kv_head == 0 { mc.n_kv_head } else { h };
+            mc.n_head = h;
+        }
+        if mc.n_head == 0 || !mc.n_embd.is_multiple_of(mc.n_head) {
+            return Err(ModelError::BadConfig(format!(
+                "embedding width {} is not a multiple of the {} heads",
+                mc.n_embd, mc.n_head
+            )));
+        }
+        mc.head_dim = mc.n_embd / mc.n_head;
+        mc.validate()?;
+        return Ok(Box::new(Llama::new(mc, seed)?));
+    }
+    let mut mc = GptConfig::preset(name, vocab)?;
+    mc.n_layer = o.n_layer.unwrap_or(mc.n_layer);
+    mc.n_head = o.n_head.unwrap_or(mc.n_head);
+    mc.n_embd = o.n_embd.unwrap_or(mc.n_embd);
+    mc.block_size = o.context.unwrap_or(mc.block_size);
+    mc.validate()?;
+    Ok(Box::new(Gpt::new(mc, seed)?))
+}
+
+/// Loads a checkpoint directory (kiln or Hugging Face; GPT-2 or Llama family) for training.
+pub fn load_trainable(dir: &Path) -> Result<Box<dyn TrainableLm>, ModelError> {
+    let dir = &resolve_model_dir(dir);
+    if !dir.join("config.json").is_file() {
+        return Err(ck_err(dir, "no config.json (is this a checkpoint directory?)"));
+    }
+    match read_model_type(dir)?.as_str() {
+        "gpt2" => Ok(Box::new(load_hf_dir(dir)?)),
+        "llama" | "qwen2" | "mistral" => Ok(Box::new(crate::load_llama_dir(dir)?)),
+        other => Err(ck_err(dir, format!("model_type '{other}' is not supported (gpt2, llama, qwen2, mistral are)"))),
+    }
+}
