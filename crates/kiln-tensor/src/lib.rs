@@ -6,6 +6,7 @@
 
 pub mod kernels;
 pub mod probe;
+pub mod quant;
 pub mod simd;
 mod tensor;
 
