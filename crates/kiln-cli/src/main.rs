@@ -9,6 +9,7 @@ mod generate;
 mod load;
 mod map;
 mod prep;
+mod quantize;
 mod serve;
 mod train;
 mod ui;
@@ -54,6 +55,7 @@ kiln train ...                 train (or --resume) a model; --dp N for data para
 kiln generate ...              sample text from a checkpoint (kiln's or Hugging Face's)\n  \
 kiln serve ...                 OpenAI-compatible HTTP server with continuous batching\n  \
 kiln export ...                GGUF (f32, f16, q8_0, q4_0) for llama.cpp\n  \
+kiln quantize ...              int8 / w8a8 / int4 by RTN, GPTQ, AWQ or SmoothQuant\n  \
 kiln map ...                   predict latency, fit, energy and cost on FPGA / ASIC / GPU / CPU\n  \
 kiln plot ...                  draw loss curves\n  \
 kiln eval ppl|bleu|chrf|rouge|task ...  measure a model or a system's output\n  \
@@ -101,6 +103,9 @@ enum Command {
     Report(ReportArgs),
     /// Write a checkpoint in another runtime's format: GGUF (f32, f16, q8_0, q4_0) for llama.cpp.
     Export(export::ExportArgs),
+    /// Quantize a checkpoint to int8, w8a8 or int4 (RTN, GPTQ, AWQ, SmoothQuant), with a
+    /// size, perplexity and KL-divergence report.
+    Quantize(Box<quantize::QuantizeArgs>),
     /// Map a model onto accelerators (FPGA / ASIC / GPU / CPU): latency, tokens/s, fit, energy, cost.
     Map(map::MapArgs),
     /// Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming).
@@ -228,6 +233,7 @@ fn main() -> ExitCode {
         Command::Eval(c) => eval::run(c),
         Command::Report(a) => run_report(a),
         Command::Export(a) => export::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Map(a) => map::run(a),
         Command::Serve(a) => serve::run(a),
     };

@@ -94,3 +94,89 @@ fn gguf_export_and_its_errors() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tokenizer.json"));
     assert!(!out2.exists());
 }
+
+fn fails_with(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+}
+
+/// `kiln quantize` writes a checkpoint that generate, eval and bench run, reports size,
+/// perplexity and KL; bad requests exit 2 and write nothing. `--integer-only` runs the
+/// fixed-point executor through the same commands.
+#[test]
+fn quantize_then_run_and_integer_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. A kiln fires clay. ".repeat(12)).unwrap();
+    let ck = fixture("hf_llama_tiny");
+    for (scheme, method) in [("int4", "awq"), ("int8", "gptq"), ("w8a8", "smoothquant"), ("int4", "rtn")] {
+        let out = dir.path().join(format!("q-{scheme}-{method}"));
+        let args = [
+            "quantize",
+            "--ckpt",
+            s(&ck),
+            "--scheme",
+            scheme,
+            "--method",
+            method,
+            "--group-size",
+            "32",
+            "--calib",
+            s(&text),
+            "--eval",
+            s(&text),
+            "--out",
+            s(&out),
+            "--json",
+        ];
+        let v: serde_json::Value = serde_json::from_str(&ok(&kiln(&args))).unwrap();
+        assert!(v["quantized_bytes"].as_u64().unwrap() < v["float_bytes"].as_u64().unwrap() / 2, "{v}");
+        let (before, after) = (v["ppl_before"].as_f64().unwrap(), v["ppl_after"].as_f64().unwrap());
+        assert!(after.is_finite() && (after / before - 1.0).abs() < 0.5, "{scheme}/{method}: {before} -> {after}");
+        assert!(v["kl_mean"].as_f64().unwrap() >= 0.0 && v["top1_agreement"].as_f64().unwrap() > 0.5, "{v}");
+        ok(&kiln(&[
+            "generate",
+            "--ckpt",
+            s(&out),
+            "--prompt",
+            "The quick",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ]));
+        let p: serde_json::Value =
+            serde_json::from_str(&ok(&kiln(&["eval", "ppl", "--ckpt", s(&out), "--data", s(&text), "--json"])))
+                .unwrap();
+        // The same windows as the report's --eval (disjoint) give the same perplexity.
+        assert!(p["ppl"].as_f64().unwrap().is_finite());
+    }
+    let q = dir.path().join("q-int4-awq");
+    fails_with(&kiln(&["quantize", "--ckpt", s(&ck), "--scheme", "int4", "--out", s(&q)]), 2, "exists");
+    let fresh = dir.path().join("fresh");
+    fails_with(
+        &kiln(&["quantize", "--ckpt", s(&ck), "--scheme", "int4", "--method", "awq", "--out", s(&fresh)]),
+        2,
+        "--calib",
+    );
+    fails_with(&kiln(&["quantize", "--ckpt", s(&ck), "--scheme", "int3", "--out", s(&fresh)]), 2, "--scheme");
+    fails_with(
+        &kiln(&["quantize", "--ckpt", s(&ck), "--scheme", "w8a8", "--method", "awq", "--out", s(&fresh)]),
+        2,
+        "does not go with",
+    );
+    fails_with(&kiln(&["quantize", "--ckpt", s(&q), "--scheme", "int8", "--out", s(&fresh)]), 2, "already quantized");
+    assert!(!fresh.exists());
+
+    let ppl = |extra: &[&str]| -> f64 {
+        let mut args = vec!["eval", "ppl", "--ckpt", s(&ck), "--data", s(&text), "--json"];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(&ok(&kiln(&args))).unwrap();
+        v["ppl"].as_f64().unwrap()
+    };
+    let (float, int) = (ppl(&[]), ppl(&["--integer-only", "--calib", s(&text)]));
+    assert_eq!(int, ppl(&["--integer-only", "--calib", s(&text)]), "integer-only must be deterministic");
+    assert!((int / float - 1.0).abs() < 0.5, "integer-only perplexity {int} vs float {float}");
+    ok(&kiln(&["generate", "--ckpt", s(&ck), "--prompt", "The", "--max-new-tokens", "4", "--integer-only"]));
+}

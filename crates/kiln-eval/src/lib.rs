@@ -42,7 +42,7 @@ pub fn read_segments(path: &std::path::Path, rstrip: bool) -> Result<Vec<String>
 
 pub use bleu::{corpus_bleu, BleuOptions, BleuScore, BleuTokenize, Smoothing, SACREBLEU_VERSION};
 pub use chrf::{corpus_chrf, ChrfScore};
-pub use perplexity::{perplexity, PplReport};
+pub use perplexity::{logit_agreement, perplexity, LogitAgreement, PplReport};
 pub use plot::{read_metrics, render_svg, write_png, write_svg, LossCurves, Series};
 pub use report::{render_report, ReportInputs};
 pub use rouge::{corpus_rouge, RougeAggregate, RougeReport, RougeScores, RougeType, ROUGE_SCORE_VERSION};

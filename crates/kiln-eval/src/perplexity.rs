@@ -76,3 +76,91 @@ pub fn perplexity(
         stride,
     })
 }
+
+/// How closely a model (a quantized one, say) follows a reference model token by token: the
+/// figures llama.cpp's `perplexity --kl-divergence` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogitAgreement {
+    /// Mean over positions of KL(P_ref ‖ P_test), in nats.
+    pub kl_mean: f64,
+    /// Largest per-position KL.
+    pub kl_max: f64,
+    /// Fraction of positions whose most likely next token is the same for both models.
+    pub top1_agreement: f64,
+    pub positions: usize,
+}
+
+/// Compares the next-token distributions of `test` against `reference` over `tokens` cut into
+/// disjoint windows of `ctx`; `progress(done, total)` in tokens.
+pub fn logit_agreement(
+    reference: &mut dyn CausalLm,
+    test: &mut dyn CausalLm,
+    k: &dyn Kernels,
+    tokens: &[u32],
+    ctx: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<LogitAgreement, EvalError> {
+    let v = reference.vocab_size();
+    if test.vocab_size() != v {
+        return Err(EvalError::Perplexity(format!("vocabularies differ: {v} vs {}", test.vocab_size())));
+    }
+    if ctx == 0 || ctx > reference.context_len().min(test.context_len()) {
+        return Err(EvalError::Perplexity("the window must fit both models' context".into()));
+    }
+    if tokens.is_empty() {
+        return Err(EvalError::Perplexity("no tokens to compare on".into()));
+    }
+    let (mut kl_sum, mut kl_max, mut same, mut positions) = (0.0f64, 0.0f64, 0usize, 0usize);
+    for (w, window) in tokens.chunks(ctx).enumerate() {
+        let err = |e: kiln_model::ModelError| EvalError::Perplexity(e.to_string());
+        let p = reference.sequence_logits(k, window).map_err(err)?;
+        let q = test.sequence_logits(k, window).map_err(err)?;
+        for (pr, qr) in p.chunks_exact(v).zip(q.chunks_exact(v)) {
+            let (lp, lq) = (log_softmax(pr), log_softmax(qr));
+            let kl: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
+            kl_sum += kl;
+            kl_max = kl_max.max(kl);
+            same += (argmax(pr) == argmax(qr)) as usize;
+            positions += 1;
+        }
+        progress(((w + 1) * ctx).min(tokens.len()), tokens.len());
+    }
+    Ok(LogitAgreement {
+        kl_mean: kl_sum / positions as f64,
+        kl_max,
+        top1_agreement: same as f64 / positions as f64,
+        positions,
+    })
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
+}
+
+#[cfg(test)]
+mod agreement_tests {
+    use super::*;
+    use kiln_tensor::CpuKernels;
+
+    /// A model against itself: KL exactly 0 and full agreement; against another: KL > 0.
+    #[test]
+    fn agreement_of_a_model_with_itself_and_another() {
+        let mut a = kiln_model::preset_model("gpt-tiny", Some(101), 1).unwrap();
+        let mut b = kiln_model::preset_model("gpt-tiny", Some(101), 1).unwrap();
+        let mut c = kiln_model::preset_model("gpt-tiny", Some(101), 2).unwrap();
+        let tokens: Vec<u32> = (0..150).map(|i| (i * 7 % 101) as u32).collect();
+        let k = CpuKernels::default();
+        let same = logit_agreement(a.as_mut(), b.as_mut(), &k, &tokens, 64, &mut |_, _| {}).unwrap();
+        assert_eq!(same.positions, 150);
+        assert!(same.kl_mean.abs() < 1e-12 && same.top1_agreement == 1.0, "{same:?}");
+        let diff = logit_agreement(a.as_mut(), c.as_mut(), &k, &tokens, 64, &mut |_, _| {}).unwrap();
+        assert!(diff.kl_mean > 1e-4 && diff.top1_agreement < 1.0, "{diff:?}");
+        assert!(logit_agreement(a.as_mut(), c.as_mut(), &k, &tokens, 0, &mut |_, _| {}).is_err());
+    }
+}

@@ -99,6 +99,16 @@ pub fn safetensors_bytes(
 
 /// Writes `config.json` and `model.safetensors` for `transformers.GPT2LMHeadModel` into `dir`.
 pub fn save_hf_files(model: &Gpt, dir: &Path, eot_token: Option<u32>) -> Result<(), ModelError> {
+    save_hf_files_keeping(model, dir, eot_token, &|_| true)
+}
+
+/// [`save_hf_files`] with only the tensors `keep` accepts (by kiln name) in model.safetensors.
+pub(crate) fn save_hf_files_keeping(
+    model: &Gpt,
+    dir: &Path,
+    eot_token: Option<u32>,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(), ModelError> {
     let cfg = &model.config;
     let mut config = serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
@@ -128,6 +138,9 @@ pub fn save_hf_files(model: &Gpt, dir: &Path, eot_token: Option<u32>) -> Result<
 
     let mut tensors = Vec::new();
     for (i, info) in model.param_info().iter().enumerate() {
+        if !keep(&info.name) {
+            continue;
+        }
         let v = model.param_values(i);
         let (shape, values) = if HfTensorNames::is_conv1d(&info.name) {
             let (o, n) = (info.shape[0], info.shape[1]);
@@ -174,6 +187,11 @@ pub fn read_hf_config(path: &Path) -> Result<GptConfig, ModelError> {
 
 /// Loads a GPT-2 checkpoint directory (ours or one saved by `transformers`).
 pub fn load_hf_dir(dir: &Path) -> Result<Gpt, ModelError> {
+    load_hf_dir_skipping(dir, &|_| false)
+}
+
+/// [`load_hf_dir`] leaving the tensors `skip` names (kiln names) zero: they are stored elsewhere.
+pub(crate) fn load_hf_dir_skipping(dir: &Path, skip: &dyn Fn(&str) -> bool) -> Result<Gpt, ModelError> {
     if !dir.is_dir() {
         return Err(ck_err(dir, "not a directory"));
     }
@@ -182,7 +200,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<Gpt, ModelError> {
     let (tensors, _) = read_safetensors_f32(&st_path)?;
     let mut model = Gpt::zeros(cfg)?;
     let infos = model.param_info().to_vec();
-    for info in infos {
+    for info in infos.into_iter().filter(|i| !skip(&i.name)) {
         let found = [HfTensorNames::to_hf(&info.name), info.name.clone()].into_iter().find_map(|n| tensors.get(&n));
         let (shape, values) =
             found.ok_or_else(|| ck_err(&st_path, format!("missing tensor {}", HfTensorNames::to_hf(&info.name))))?;

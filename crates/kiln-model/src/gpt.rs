@@ -8,6 +8,7 @@ use kiln_tensor::Kernels;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::quant::Linears;
 use crate::{GptConfig, ModelError};
 
 mod kv_cache;
@@ -136,6 +137,8 @@ pub struct Gpt {
     pub grads: Vec<Vec<f32>>,
     info: Vec<ParamInfo>,
     acts: Option<Acts>,
+    /// Quantized copies of the linear weights (none for a float model) and the calibration hook.
+    pub(crate) lin: Linears,
 }
 
 /// Two distinct elements of a slice, mutably (a weight and its bias).
@@ -163,7 +166,7 @@ impl Gpt {
                 },
             )
             .collect();
-        Ok(Gpt { config, params, grads: Vec::new(), info, acts: None })
+        Ok(Gpt { config, params, grads: Vec::new(), info, acts: None, lin: Linears::default() })
     }
 
     /// GPT-2 initialisation: N(0, 0.02) weights, N(0, 0.02/√(2L)) for the projections into the
@@ -216,6 +219,15 @@ impl Gpt {
         }
         v.push(ParamInfo { name: "ln_f.weight".into(), shape: vec![c], decay: false });
         v.push(ParamInfo { name: "ln_f.bias".into(), shape: vec![c], decay: false });
+        v
+    }
+
+    /// Indices of every matmul weight `[out, in]`, the tied head (the token table) included.
+    pub(crate) fn linear_params(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..self.config.n_layer)
+            .flat_map(|l| [QKV_W, PROJ_W, FC_W, FCPROJ_W].map(|j| 2 + l * PER_LAYER + j))
+            .collect();
+        v.push(WTE);
         v
     }
 
@@ -297,26 +309,27 @@ impl Gpt {
             self.acts = Some(Acts::new(cfg, b, t));
         }
         let a = self.acts.as_mut().expect("allocated above");
-        let p = &self.params;
+        let (p, lin) = (&self.params, &self.lin);
         let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
         a.tokens.copy_from_slice(tokens);
         a.targets = targets.map(|x| x.to_vec());
 
         k.encoder_forward(&mut a.encoded, tokens, &p[WTE], &p[WPE], t, c);
         for l in 0..cfg.n_layer {
-            let w = |j: usize| p[2 + l * PER_LAYER + j].as_slice();
+            let base = 2 + l * PER_LAYER;
+            let w = |j: usize| p[base + j].as_slice();
             let (prev, cur) = a.layers.split_at_mut(l);
             let res_in = if l == 0 { &a.encoded } else { &prev[l - 1].res3 };
             let la = &mut cur[0];
             k.layernorm_forward(&mut la.ln1, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w(LN1_W), w(LN1_W + 1), c);
-            k.matmul_forward(&mut la.qkv, &la.ln1, w(QKV_W), Some(w(QKV_W + 1)), c, 3 * c);
+            lin.matmul(k, &mut la.qkv, &la.ln1, p, base + QKV_W, Some(w(QKV_W + 1)), c, 3 * c);
             k.attention_forward(&mut la.atty, &mut la.lse, &la.qkv, b, t, nh, hs);
-            k.matmul_forward(&mut a.scratch_c, &la.atty, w(PROJ_W), Some(w(PROJ_W + 1)), c, c);
+            lin.matmul(k, &mut a.scratch_c, &la.atty, p, base + PROJ_W, Some(w(PROJ_W + 1)), c, c);
             k.residual_forward(&mut la.res2, res_in, &a.scratch_c);
             k.layernorm_forward(&mut la.ln2, &mut la.ln2_mean, &mut la.ln2_rstd, &la.res2, w(LN2_W), w(LN2_W + 1), c);
-            k.matmul_forward(&mut la.fch, &la.ln2, w(FC_W), Some(w(FC_W + 1)), c, 4 * c);
+            lin.matmul(k, &mut la.fch, &la.ln2, p, base + FC_W, Some(w(FC_W + 1)), c, 4 * c);
             k.gelu_forward(&mut a.scratch_4c, &la.fch);
-            k.matmul_forward(&mut a.scratch_c, &a.scratch_4c, w(FCPROJ_W), Some(w(FCPROJ_W + 1)), 4 * c, c);
+            lin.matmul(k, &mut a.scratch_c, &a.scratch_4c, p, base + FCPROJ_W, Some(w(FCPROJ_W + 1)), 4 * c, c);
             k.residual_forward(&mut la.res3, &la.res2, &a.scratch_c);
         }
         let last = a.layers.last().map_or(&a.encoded, |la| &la.res3);
@@ -338,7 +351,7 @@ impl Gpt {
         self.forward_blocks(k, tokens, targets, b, t)?;
         let (c, v, vp) = (self.config.n_embd, self.config.vocab_size, self.config.padded_vocab());
         let a = self.acts.as_mut().expect("forward_blocks allocates");
-        k.matmul_forward(&mut a.logits, &a.lnf, &self.params[WTE], None, c, vp);
+        self.lin.matmul(k, &mut a.logits, &a.lnf, &self.params, WTE, None, c, vp);
         let Some(tg) = &a.targets else { return Ok(None) };
         k.crossentropy_forward_backward(&mut a.logits, &mut a.losses, tg, v, vp, None);
         let mean = a.losses.iter().map(|&x| x as f64).sum::<f64>() / a.losses.len() as f64;
@@ -363,7 +376,7 @@ impl Gpt {
         let (c, v, vp) = (self.config.n_embd, self.config.vocab_size, self.config.padded_vocab());
         let a = self.acts.as_ref().expect("forward_blocks allocates");
         let mut out = vec![0.0; vp];
-        k.matmul_forward(&mut out, &a.lnf[(t - 1) * c..t * c], &self.params[WTE], None, c, vp);
+        self.lin.matmul(k, &mut out, &a.lnf[(t - 1) * c..t * c], &self.params, WTE, None, c, vp);
         out.truncate(v);
         Ok(out)
     }
@@ -390,13 +403,16 @@ impl Gpt {
             x.extend_from_slice(&a.lnf[r * c..(r + 1) * c]);
         }
         let mut out = vec![0.0; rows.len() * vp];
-        k.matmul_forward(&mut out, &x, &self.params[WTE], None, c, vp);
+        self.lin.matmul(k, &mut out, &x, &self.params, WTE, None, c, vp);
         Ok(out.chunks(vp).flat_map(|row| row[..v].to_vec()).collect())
     }
 
     /// Backward of the mean loss times `loss_scale` (1/K for K accumulated micro-batches);
     /// accumulates into `grads`. Overwrites the logits with their gradient.
     pub fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+        if self.lin.is_quantized() {
+            return Err(ModelError::Quantized);
+        }
         if self.grads.is_empty() {
             self.zero_grad();
         }

@@ -8,6 +8,7 @@ mod gguf;
 mod gpt;
 mod llama;
 mod lm;
+mod quant;
 mod sample;
 mod trainable;
 
@@ -20,8 +21,9 @@ pub use gguf::{dequantize, export_gguf, quantize_q4_0, quantize_q8_0, GgmlType};
 pub use gpt::{Gpt, ParamInfo};
 pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, LlamaConfig, LlamaPreset, LLAMA_PRESETS};
 pub use lm::{preset_model, CausalLm, KvCache};
+pub use quant::{read_quant_info, LinearObserver, Linears, QuantInfo, QuantScheme, QuantWeight};
 pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
-pub use trainable::{load_trainable, new_trainable, ShapeOverrides, TrainableLm};
+pub use trainable::{install_quantized, load_trainable, new_trainable, save_quantized, ShapeOverrides, TrainableLm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -37,6 +39,8 @@ pub enum ModelError {
     Shape(String),
     #[error("backward() needs a forward() with targets first")]
     NoForward,
+    #[error("a quantized model runs forward only: train the float checkpoint, then quantize it")]
+    Quantized,
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: String, msg: String },
     #[error("{path}: {source}")]

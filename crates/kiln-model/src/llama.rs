@@ -14,6 +14,7 @@ use crate::{CausalLm, KvCache, ModelError, ParamInfo};
 mod checkpoint;
 mod config;
 pub use checkpoint::{load_llama_dir, read_hf_tensors, save_llama_hf_files};
+pub(crate) use checkpoint::{load_llama_dir_skipping, save_llama_hf_files_keeping};
 pub use config::{LlamaConfig, LlamaPreset, LLAMA_PRESETS};
 
 /// Where one block's tensors sit in the parameter list (biases only when the config has them).
@@ -77,6 +78,8 @@ pub struct Llama {
     cos: Vec<f32>,
     sin: Vec<f32>,
     acts: Option<Acts>,
+    /// Quantized copies of the linear weights (none for a float model) and the calibration hook.
+    pub(crate) lin: crate::quant::Linears,
 }
 
 /// Registers a linear layer's weight `[out, in]` (and bias) through `add`; returns their indices.
@@ -125,7 +128,20 @@ impl Llama {
         let head = if config.tie_embeddings { embed } else { add("lm_head.weight".into(), vec![config.vocab_size, c]) };
         let params = info.iter().map(|p| vec![0.0; p.shape.iter().product()]).collect();
         let (cos, sin) = rope_tables(&config);
-        Ok(Llama { config, params, grads: Vec::new(), info, layers, embed, norm, head, cos, sin, acts: None })
+        Ok(Llama {
+            config,
+            params,
+            grads: Vec::new(),
+            info,
+            layers,
+            embed,
+            norm,
+            head,
+            cos,
+            sin,
+            acts: None,
+            lin: crate::quant::Linears::default(),
+        })
     }
 
     /// N(0, 0.02) weights (Llama's initializer_range), zero biases, unit norms; deterministic in `seed`.
@@ -178,6 +194,18 @@ impl Llama {
             Some(pos) => Err(ModelError::TokenOutOfRange { id: ids[pos], pos, vocab }),
             None => Ok(()),
         }
+    }
+
+    /// Indices of every matmul weight `[out, in]`, the output head included.
+    pub(crate) fn linear_params(&self) -> Vec<usize> {
+        let mut v: Vec<usize> =
+            self.layers.iter().flat_map(|li| [li.q.0, li.k.0, li.v.0, li.o.0, li.gate.0, li.up.0, li.down.0]).collect();
+        v.push(self.head);
+        v
+    }
+
+    pub(crate) fn embed_index(&self) -> usize {
+        self.embed
     }
 
     /// `out[r] = embed[tokens[r]]`.
@@ -248,7 +276,7 @@ impl Llama {
         a.targets = targets.map(|x| x.to_vec());
         self.embed_rows(&mut a.encoded, tokens);
         let pos: Vec<usize> = (0..n).map(|r| r % t).collect();
-        let (p, eps, group) = (&self.params, cfg.rms_eps, nh / nkv);
+        let (p, lin, eps, group) = (&self.params, &self.lin, cfg.rms_eps, nh / nkv);
         let mut qbuf = vec![0.0f32; n * q];
         let mut tmp_c = vec![0.0f32; n * c];
         let mut hbuf = vec![0.0f32; n * f];
@@ -258,20 +286,20 @@ impl Llama {
             let la = &mut cur[0];
             let bias = |x: Option<usize>| x.map(|i| p[i].as_slice());
             k.rmsnorm_forward(&mut la.ln1, &mut la.rstd1, res_in, &p[li.ln1], c, eps);
-            k.matmul_forward(&mut qbuf, &la.ln1, &p[li.q.0], bias(li.q.1), c, q);
-            k.matmul_forward(&mut la.k, &la.ln1, &p[li.k.0], bias(li.k.1), c, kv);
-            k.matmul_forward(&mut la.v, &la.ln1, &p[li.v.0], bias(li.v.1), c, kv);
+            lin.matmul(k, &mut qbuf, &la.ln1, p, li.q.0, bias(li.q.1), c, q);
+            lin.matmul(k, &mut la.k, &la.ln1, p, li.k.0, bias(li.k.1), c, kv);
+            lin.matmul(k, &mut la.v, &la.ln1, p, li.v.0, bias(li.v.1), c, kv);
             k.rope(&mut qbuf, &pos, &self.cos, &self.sin, nh, hd, false);
             k.rope(&mut la.k, &pos, &self.cos, &self.sin, nkv, hd, false);
             pack_qkv(&mut la.qkv, &qbuf, &la.k, &la.v, nh, group, hd);
             k.attention_forward(&mut la.atty, &mut la.lse, &la.qkv, b, t, nh, hd);
-            k.matmul_forward(&mut tmp_c, &la.atty, &p[li.o.0], bias(li.o.1), q, c);
+            lin.matmul(k, &mut tmp_c, &la.atty, p, li.o.0, bias(li.o.1), q, c);
             k.residual_forward(&mut la.res2, res_in, &tmp_c);
             k.rmsnorm_forward(&mut la.ln2, &mut la.rstd2, &la.res2, &p[li.ln2], c, eps);
-            k.matmul_forward(&mut la.gate, &la.ln2, &p[li.gate.0], bias(li.gate.1), c, f);
-            k.matmul_forward(&mut la.up, &la.ln2, &p[li.up.0], bias(li.up.1), c, f);
+            lin.matmul(k, &mut la.gate, &la.ln2, p, li.gate.0, bias(li.gate.1), c, f);
+            lin.matmul(k, &mut la.up, &la.ln2, p, li.up.0, bias(li.up.1), c, f);
             k.swiglu_forward(&mut hbuf, &la.gate, &la.up);
-            k.matmul_forward(&mut tmp_c, &hbuf, &p[li.down.0], bias(li.down.1), f, c);
+            lin.matmul(k, &mut tmp_c, &hbuf, p, li.down.0, bias(li.down.1), f, c);
             k.residual_forward(&mut la.res3, &la.res2, &tmp_c);
         }
         let last = a.layers.last().map_or(&a.encoded, |la| &la.res3);
@@ -294,7 +322,7 @@ impl Llama {
         let (c, v) = (self.config.n_embd, self.config.vocab_size);
         let a = self.acts.as_mut().expect("forward_blocks allocates");
         a.logits.resize(b * t * v, 0.0);
-        k.matmul_forward(&mut a.logits, &a.lnf, &self.params[self.head], None, c, v);
+        self.lin.matmul(k, &mut a.logits, &a.lnf, &self.params, self.head, None, c, v);
         let Some(tg) = &a.targets else { return Ok(None) };
         k.crossentropy_forward_backward(&mut a.logits, &mut a.losses, tg, v, v, None);
         let mean = a.losses.iter().map(|&x| x as f64).sum::<f64>() / a.losses.len() as f64;
@@ -312,6 +340,9 @@ impl Llama {
 
     /// Backward of the mean loss times `loss_scale`; accumulates into `grads`.
     pub fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+        if self.lin.is_quantized() {
+            return Err(ModelError::Quantized);
+        }
         if self.grads.is_empty() {
             self.zero_grad();
         }
@@ -426,15 +457,15 @@ impl Llama {
             cfg.n_kv_head,
             cfg.head_dim,
         );
-        let (li, p) = (&self.layers[l], &self.params);
+        let (li, p, lin) = (&self.layers[l], &self.params, &self.lin);
         let bias = |x: Option<usize>| x.map(|i| p[i].as_slice());
         let z = |k: usize| vec![0.0f32; k];
         let (mut ln, mut rstd, mut qb, mut kb, mut vb, mut att, mut tmp) =
             (z(m * c), z(m), z(m * q), z(m * kv), z(m * kv), z(m * q), z(m * c));
         k.rmsnorm_forward(&mut ln, &mut rstd, x, &p[li.ln1], c, cfg.rms_eps);
-        k.matmul_forward(&mut qb, &ln, &p[li.q.0], bias(li.q.1), c, q);
-        k.matmul_forward(&mut kb, &ln, &p[li.k.0], bias(li.k.1), c, kv);
-        k.matmul_forward(&mut vb, &ln, &p[li.v.0], bias(li.v.1), c, kv);
+        lin.matmul(k, &mut qb, &ln, p, li.q.0, bias(li.q.1), c, q);
+        lin.matmul(k, &mut kb, &ln, p, li.k.0, bias(li.k.1), c, kv);
+        lin.matmul(k, &mut vb, &ln, p, li.v.0, bias(li.v.1), c, kv);
         k.rope(&mut qb, pos, &self.cos, &self.sin, nh, hd, false);
         k.rope(&mut kb, pos, &self.cos, &self.sin, nkv, hd, false);
         for (i, &s) in seqs.iter().enumerate() {
@@ -453,14 +484,14 @@ impl Llama {
                 hd,
             );
         }
-        k.matmul_forward(&mut tmp, &att, &p[li.o.0], bias(li.o.1), q, c);
+        lin.matmul(k, &mut tmp, &att, p, li.o.0, bias(li.o.1), q, c);
         add_into(x, &tmp);
         k.rmsnorm_forward(&mut ln, &mut rstd, x, &p[li.ln2], c, cfg.rms_eps);
         let (mut gate, mut up, mut h) = (z(m * f), z(m * f), z(m * f));
-        k.matmul_forward(&mut gate, &ln, &p[li.gate.0], bias(li.gate.1), c, f);
-        k.matmul_forward(&mut up, &ln, &p[li.up.0], bias(li.up.1), c, f);
+        lin.matmul(k, &mut gate, &ln, p, li.gate.0, bias(li.gate.1), c, f);
+        lin.matmul(k, &mut up, &ln, p, li.up.0, bias(li.up.1), c, f);
         k.swiglu_forward(&mut h, &gate, &up);
-        k.matmul_forward(&mut tmp, &h, &p[li.down.0], bias(li.down.1), f, c);
+        lin.matmul(k, &mut tmp, &h, p, li.down.0, bias(li.down.1), f, c);
         add_into(x, &tmp);
     }
 
@@ -470,7 +501,7 @@ impl Llama {
         let m = x.len() / c;
         let (mut ln, mut rstd, mut logits) = (vec![0.0; m * c], vec![0.0; m], vec![0.0; m * v]);
         k.rmsnorm_forward(&mut ln, &mut rstd, x, &self.params[self.norm], c, self.config.rms_eps);
-        k.matmul_forward(&mut logits, &ln, &self.params[self.head], None, c, v);
+        self.lin.matmul(k, &mut logits, &ln, &self.params, self.head, None, c, v);
         logits
     }
 }
@@ -566,8 +597,11 @@ impl CausalLm for Llama {
     fn weight_bytes_per_token(&self) -> usize {
         // One embedding row is read, not the table (unless it is also the head).
         let c = self.config.n_embd;
-        let table = if self.config.tie_embeddings { 0 } else { self.config.vocab_size * c - c };
-        4 * (self.config.num_params() - table)
+        let float: usize = (0..self.params.len())
+            .filter(|&i| self.lin.get(i).is_none())
+            .map(|i| if i == self.embed && i != self.head { c } else { self.info[i].shape.iter().product() })
+            .sum();
+        4 * float + self.lin.weight_bytes()
     }
     fn sequence_logits(&mut self, k: &dyn Kernels, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         self.forward(k, tokens, None, 1, tokens.len())?;

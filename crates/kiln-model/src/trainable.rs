@@ -7,7 +7,9 @@ use std::path::Path;
 
 use kiln_tensor::Kernels;
 
-use crate::checkpoint::{ck_err, load_hf_dir, read_model_type, resolve_model_dir, save_hf_files};
+use crate::checkpoint::{ck_err, load_hf_dir_skipping, read_model_type, resolve_model_dir, save_hf_files_keeping};
+use crate::llama::{load_llama_dir_skipping, save_llama_hf_files_keeping};
+use crate::quant::{read_quant_info, read_quant_tensors, write_quant_tensors, Linears, QuantInfo, QuantWeight};
 use crate::{CausalLm, Gpt, GptConfig, Llama, LlamaConfig, ModelError, ParamInfo};
 
 pub trait TrainableLm: CausalLm {
@@ -38,7 +40,17 @@ pub trait TrainableLm: CausalLm {
     /// Bytes of parameters, gradients and activations held now.
     fn memory_bytes(&self) -> usize;
     /// config.json and model.safetensors with Hugging Face names, into `dir`.
-    fn save_hf(&self, dir: &Path, eos: Option<u32>) -> Result<(), ModelError>;
+    fn save_hf(&self, dir: &Path, eos: Option<u32>) -> Result<(), ModelError> {
+        self.save_hf_keeping(dir, eos, &|_| true)
+    }
+    /// [`TrainableLm::save_hf`] with only the tensors `keep` accepts (by kiln name).
+    fn save_hf_keeping(&self, dir: &Path, eos: Option<u32>, keep: &dyn Fn(&str) -> bool) -> Result<(), ModelError>;
+    /// Indices of every matmul weight `[out, in]`, the output head included.
+    fn linear_params(&self) -> Vec<usize>;
+    /// Indices of tables read by row (token embeddings).
+    fn embedding_params(&self) -> Vec<usize>;
+    fn linears(&self) -> &Linears;
+    fn linears_mut(&mut self) -> &mut Linears;
     /// Training FLOPs per token at sequence length `t` (nanoGPT / PaLM convention: 6 per
     /// parameter that takes part in a matmul, plus 12·L·T·(attention width) for attention).
     fn train_flops_per_token(&self, t: usize) -> f64;
@@ -85,8 +97,20 @@ impl TrainableLm for Gpt {
     fn memory_bytes(&self) -> usize {
         Gpt::memory_bytes(self)
     }
-    fn save_hf(&self, dir: &Path, eos: Option<u32>) -> Result<(), ModelError> {
-        save_hf_files(self, dir, eos)
+    fn save_hf_keeping(&self, dir: &Path, eos: Option<u32>, keep: &dyn Fn(&str) -> bool) -> Result<(), ModelError> {
+        save_hf_files_keeping(self, dir, eos, keep)
+    }
+    fn linear_params(&self) -> Vec<usize> {
+        Gpt::linear_params(self)
+    }
+    fn embedding_params(&self) -> Vec<usize> {
+        vec![0] // wte; the position table wpe is added, never multiplied
+    }
+    fn linears(&self) -> &Linears {
+        &self.lin
+    }
+    fn linears_mut(&mut self) -> &mut Linears {
+        &mut self.lin
     }
     fn train_flops_per_token(&self, t: usize) -> f64 {
         self.config.train_flops_per_token(t)
@@ -134,8 +158,20 @@ impl TrainableLm for Llama {
     fn memory_bytes(&self) -> usize {
         Llama::memory_bytes(self)
     }
-    fn save_hf(&self, dir: &Path, eos: Option<u32>) -> Result<(), ModelError> {
-        crate::save_llama_hf_files(self, dir, eos, None)
+    fn save_hf_keeping(&self, dir: &Path, eos: Option<u32>, keep: &dyn Fn(&str) -> bool) -> Result<(), ModelError> {
+        save_llama_hf_files_keeping(self, dir, eos, None, keep)
+    }
+    fn linear_params(&self) -> Vec<usize> {
+        Llama::linear_params(self)
+    }
+    fn embedding_params(&self) -> Vec<usize> {
+        vec![self.embed_index()]
+    }
+    fn linears(&self) -> &Linears {
+        &self.lin
+    }
+    fn linears_mut(&mut self) -> &mut Linears {
+        &mut self.lin
     }
     fn train_flops_per_token(&self, t: usize) -> f64 {
         let c = &self.config;
@@ -191,15 +227,69 @@ pub fn new_trainable(
     Ok(Box::new(Gpt::new(mc, seed)?))
 }
 
-/// Loads a checkpoint directory (kiln or Hugging Face; GPT-2 or Llama family) for training.
+/// Loads a checkpoint directory (kiln or Hugging Face; GPT-2 or Llama family), quantized or not.
 pub fn load_trainable(dir: &Path) -> Result<Box<dyn TrainableLm>, ModelError> {
     let dir = &resolve_model_dir(dir);
     if !dir.join("config.json").is_file() {
         return Err(ck_err(dir, "no config.json (is this a checkpoint directory?)"));
     }
-    match read_model_type(dir)?.as_str() {
-        "gpt2" => Ok(Box::new(load_hf_dir(dir)?)),
-        "llama" | "qwen2" | "mistral" => Ok(Box::new(crate::load_llama_dir(dir)?)),
-        other => Err(ck_err(dir, format!("model_type '{other}' is not supported (gpt2, llama, qwen2, mistral are)"))),
+    let quant = read_quant_info(dir)?;
+    let skip = |name: &str| quant.as_ref().is_some_and(|q| q.tensors.contains_key(name));
+    let mut model: Box<dyn TrainableLm> = match read_model_type(dir)?.as_str() {
+        "gpt2" => Box::new(load_hf_dir_skipping(dir, &skip)?),
+        "llama" | "qwen2" | "mistral" => Box::new(load_llama_dir_skipping(dir, &skip)?),
+        other => {
+            return Err(ck_err(dir, format!("model_type '{other}' is not supported (gpt2, llama, qwen2, mistral are)")))
+        }
+    };
+    if let Some(info) = quant {
+        let path = dir.join("model.quant.safetensors");
+        for (name, q) in read_quant_tensors(&path, &info)? {
+            let i =
+                model.param_info().iter().position(|p| p.name == name).ok_or_else(|| {
+                    ck_err(&path, format!("kiln.json quantizes {name}, which the model does not have"))
+                })?;
+            install_quantized(model.as_mut(), i, q).map_err(|e| ck_err(&path, e.to_string()))?;
+        }
     }
+    Ok(model)
+}
+
+/// Makes `q` parameter `i`'s weight in every forward: a linear's f32 copy is freed; a token
+/// table keeps an f32 copy, dequantized from `q`, for the row lookup.
+pub fn install_quantized(model: &mut dyn TrainableLm, i: usize, q: QuantWeight) -> Result<(), ModelError> {
+    let info = model.param_info().get(i).cloned().ok_or_else(|| ModelError::Shape(format!("no parameter {i}")))?;
+    if !model.linear_params().contains(&i) {
+        return Err(ModelError::Shape(format!("{} is not a linear weight: it cannot be quantized", info.name)));
+    }
+    let (n, k) = q.shape();
+    let buffer = model.params()[i].len().max(info.shape.iter().product());
+    if info.shape.len() != 2 || k != info.shape[1] || n * k != buffer {
+        return Err(ModelError::Shape(format!(
+            "{}: quantized as [{n}, {k}], the model's tensor is {:?}",
+            info.name, info.shape
+        )));
+    }
+    let count = model.params().len();
+    if model.embedding_params().contains(&i) {
+        model.params_mut()[i] = q.dequantize();
+    } else {
+        model.params_mut()[i] = Vec::new();
+    }
+    model.linears_mut().set(count, i, q);
+    Ok(())
+}
+
+/// Writes a quantized model's config.json, model.safetensors (the float tensors) and
+/// model.quant.safetensors (the quantized ones) into `dir`; kiln.json is the caller's (it
+/// records `info` under "quantization").
+pub fn save_quantized(
+    model: &dyn TrainableLm,
+    dir: &Path,
+    eos: Option<u32>,
+    info: &QuantInfo,
+) -> Result<(), ModelError> {
+    let names: Vec<String> = model.param_info().iter().map(|p| p.name.clone()).collect();
+    model.save_hf_keeping(dir, eos, &|name| !info.tensors.contains_key(name))?;
+    write_quant_tensors(&dir.join("model.quant.safetensors"), model.linears(), &names)
 }

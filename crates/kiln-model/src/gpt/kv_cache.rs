@@ -21,8 +21,14 @@ impl CausalLm for Gpt {
         self.config.num_params()
     }
     fn weight_bytes_per_token(&self) -> usize {
-        // Every weight but the position table (one row of it is read), the tied head once.
-        4 * (self.config.num_params() - (self.config.block_size - 1) * self.config.n_embd)
+        // Every weight but the position table (one row of it is read), the tied head once; a
+        // quantized matrix counts its codes and scales.
+        let c = self.config.n_embd;
+        let float: usize = (0..self.params.len())
+            .filter(|&i| self.lin.get(i).is_none())
+            .map(|i| if i == WPE { c } else { self.param_info()[i].shape.iter().product() })
+            .sum();
+        4 * float + self.lin.weight_bytes()
     }
     fn new_cache(&self, batch: usize) -> KvCache {
         Gpt::new_cache(self, batch)
@@ -110,7 +116,7 @@ impl Gpt {
             (seqs.len(), cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
         cache.check_model(cfg.n_layer, c)?;
         cache.check_decode(seqs, tokens, v)?;
-        let p = &self.params;
+        let (p, lin) = (&self.params, &self.lin);
         let z = |n: usize| vec![0.0f32; n];
         let (mut x, mut ln, mut qkv, mut att, mut tmp, mut res2) =
             (z(m * c), z(m * c), z(m * 3 * c), z(m * c), z(m * c), z(m * c));
@@ -123,9 +129,10 @@ impl Gpt {
         }
         let lens: Vec<usize> = seqs.iter().map(|&s| cache.lens[s] + 1).collect();
         for l in 0..cfg.n_layer {
-            let w = |j: usize| p[2 + l * PER_LAYER + j].as_slice();
+            let base = 2 + l * PER_LAYER;
+            let w = |j: usize| p[base + j].as_slice();
             k.layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, w(LN1_W), w(LN1_W + 1), c);
-            k.matmul_forward(&mut qkv, &ln, w(QKV_W), Some(w(QKV_W + 1)), c, 3 * c);
+            lin.matmul(k, &mut qkv, &ln, p, base + QKV_W, Some(w(QKV_W + 1)), c, 3 * c);
             for (i, &s) in seqs.iter().enumerate() {
                 let row = &qkv[i * 3 * c..(i + 1) * 3 * c];
                 cache.store(l, s, cache.lens[s], &row[c..2 * c], &row[2 * c..]);
@@ -142,18 +149,18 @@ impl Gpt {
                     hs,
                 );
             }
-            k.matmul_forward(&mut tmp, &att, w(PROJ_W), Some(w(PROJ_W + 1)), c, c);
+            lin.matmul(k, &mut tmp, &att, p, base + PROJ_W, Some(w(PROJ_W + 1)), c, c);
             k.residual_forward(&mut res2, &x, &tmp);
             k.layernorm_forward(&mut ln, &mut mean, &mut rstd, &res2, w(LN2_W), w(LN2_W + 1), c);
-            k.matmul_forward(&mut fc, &ln, w(FC_W), Some(w(FC_W + 1)), c, 4 * c);
+            lin.matmul(k, &mut fc, &ln, p, base + FC_W, Some(w(FC_W + 1)), c, 4 * c);
             k.gelu_forward(&mut fcg, &fc);
-            k.matmul_forward(&mut tmp, &fcg, w(FCPROJ_W), Some(w(FCPROJ_W + 1)), 4 * c, c);
+            lin.matmul(k, &mut tmp, &fcg, p, base + FCPROJ_W, Some(w(FCPROJ_W + 1)), 4 * c, c);
             k.residual_forward(&mut x, &res2, &tmp);
         }
         let nf = p.len() - 2;
         k.layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, &p[nf], &p[nf + 1], c);
         let mut logits = z(m * vp);
-        k.matmul_forward(&mut logits, &ln, &p[WTE], None, c, vp);
+        lin.matmul(k, &mut logits, &ln, p, WTE, None, c, vp);
         for &s in seqs {
             cache.lens[s] += 1;
         }

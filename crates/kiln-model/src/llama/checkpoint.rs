@@ -44,13 +44,18 @@ pub fn read_hf_tensors(dir: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f
 
 /// Loads a `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM` directory.
 pub fn load_llama_dir(dir: &Path) -> Result<Llama, ModelError> {
+    load_llama_dir_skipping(dir, &|_| false)
+}
+
+/// [`load_llama_dir`] leaving the tensors `skip` names zero: they are stored elsewhere.
+pub(crate) fn load_llama_dir_skipping(dir: &Path, skip: &dyn Fn(&str) -> bool) -> Result<Llama, ModelError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| ck_err(&path, format!("cannot read: {e}")))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("invalid JSON: {e}")))?;
     let cfg = LlamaConfig::from_hf_json(&v).map_err(|e| ck_err(&path, e.to_string()))?;
     let tensors = read_hf_tensors(dir)?;
     let mut model = Llama::zeros(cfg)?;
-    for info in model.param_info().to_vec() {
+    for info in model.param_info().to_vec().into_iter().filter(|i| !skip(&i.name)) {
         let (shape, values) =
             tensors.get(&info.name).ok_or_else(|| ck_err(dir, format!("missing tensor {}", info.name)))?;
         if *shape != info.shape {
@@ -66,12 +71,24 @@ pub fn load_llama_dir(dir: &Path) -> Result<Llama, ModelError> {
 
 /// Writes config.json and model.safetensors that `transformers` loads as the same model.
 pub fn save_llama_hf_files(model: &Llama, dir: &Path, eos: Option<u32>, bos: Option<u32>) -> Result<(), ModelError> {
+    save_llama_hf_files_keeping(model, dir, eos, bos, &|_| true)
+}
+
+/// [`save_llama_hf_files`] with only the tensors `keep` accepts in model.safetensors.
+pub(crate) fn save_llama_hf_files_keeping(
+    model: &Llama,
+    dir: &Path,
+    eos: Option<u32>,
+    bos: Option<u32>,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(), ModelError> {
     let config = serde_json::to_string_pretty(&model.config.to_hf_json(eos, bos)).expect("json value serialises");
     write_atomic(&dir.join("config.json"), config.as_bytes())?;
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = model
         .param_info()
         .iter()
         .zip(&model.params)
+        .filter(|(info, _)| keep(&info.name))
         .map(|(info, p)| (info.name.clone(), info.shape.clone(), p.clone()))
         .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);

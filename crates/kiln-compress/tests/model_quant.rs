@@ -1,0 +1,132 @@
+//! Whole-model quantization through kiln-model's matmul hook: the quantized forward equals the
+//! float forward on the dequantized weights, checkpoints round-trip bit for bit, cached decode
+//! equals full recompute, and a quantized model refuses to train.
+
+use std::path::PathBuf;
+
+use kiln_compress::{calibrate, quantize_model, Method, QuantizeOptions};
+use kiln_model::{load_trainable, save_quantized, QuantInfo, QuantScheme, TrainableLm};
+use kiln_tensor::CpuKernels;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kiln-model/tests/fixtures").join(name)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn options(scheme: QuantScheme, method: Method) -> QuantizeOptions {
+    QuantizeOptions {
+        scheme,
+        method,
+        group: 32,
+        alpha: 0.5,
+        gptq: Default::default(),
+        awq: Default::default(),
+        keep: Vec::new(),
+    }
+}
+
+fn models() -> Vec<(&'static str, Box<dyn TrainableLm>)> {
+    vec![
+        ("llama", load_trainable(&fixture("hf_llama_tiny")).unwrap()),
+        ("qwen2", load_trainable(&fixture("hf_qwen2_tiny")).unwrap()),
+        ("gpt2", kiln_model::new_trainable("gpt-tiny", Some(300), Default::default(), 5).unwrap()),
+    ]
+}
+
+fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 131 + salt * 17 + 7) % vocab) as u32).collect()
+}
+
+/// Every scheme and method: the quantized model's logits equal those of a float model holding
+/// the effective (dequantized) weights, and stay near the original float model's. (The
+/// fixtures' weights are scaled up four-fold and calibrated on 192 random tokens, so the
+/// float bounds are loose: this checks the wiring, the quality figures are in BENCHMARKS.md.)
+#[test]
+fn quantized_forward_is_the_float_forward_on_the_effective_weights() {
+    let k = CpuKernels::default();
+    let cases = [
+        (QuantScheme::Int8, Method::Rtn, 1e-5, 0.05),
+        (QuantScheme::Int8, Method::Gptq, 1e-5, 0.05),
+        (QuantScheme::W8a8, Method::SmoothQuant, 0.05, 0.08),
+        (QuantScheme::Int4, Method::Rtn, 1e-5, 0.3),
+        (QuantScheme::Int4, Method::Gptq, 1e-5, 0.3),
+        (QuantScheme::Int4, Method::Awq, 1e-5, 0.3),
+    ];
+    for (name, _) in models() {
+        for &(scheme, method, exact_bound, float_bound) in &cases {
+            let mut model = models().into_iter().find(|(n, _)| *n == name).unwrap().1;
+            let v = model.vocab_size();
+            let x = tokens(40, v, 1);
+            let want = model.sequence_logits(&k, &x).unwrap();
+            let calib: Vec<Vec<u32>> = (0..4).map(|s| tokens(48, v, s + 2)).collect();
+            let stats = calibrate(model.as_mut(), &k, &calib, method == Method::Gptq, &mut |_, _| {}).unwrap();
+            let layers = quantize_model(model.as_mut(), &options(scheme, method), &stats, &mut |_, _, _| {}).unwrap();
+            assert_eq!(layers.len(), model.linear_params().len());
+            let got = model.sequence_logits(&k, &x).unwrap();
+
+            // The same weights in f32: every quantized tensor replaced by its dequantized values.
+            let mut twin = models().into_iter().find(|(n, _)| *n == name).unwrap().1;
+            for (i, q) in model.linears().iter() {
+                let w = q.dequantize();
+                twin.params_mut()[i][..w.len()].copy_from_slice(&w);
+            }
+            let eff = twin.sequence_logits(&k, &x).unwrap();
+            let e_eff = rel_err(&got, &eff);
+            let e_float = rel_err(&got, &want);
+            eprintln!("{name} {scheme:?}/{method:?}: vs effective weights {e_eff:.2e}, vs float {e_float:.2e}");
+            // w8a8 also rounds the activations, which the f32 twin does not.
+            assert!(e_eff < exact_bound, "{name} {scheme:?}/{method:?}: {e_eff:e} from the effective-weight model");
+            assert!(e_float < float_bound, "{name} {scheme:?}/{method:?}: {e_float:e} from the float model");
+            assert!(model.backward(&k, 1.0).is_err(), "a quantized model must refuse to train");
+        }
+    }
+}
+
+/// Save, load: the same logits bit for bit; cached decode equals full recompute.
+#[test]
+fn quantized_checkpoints_round_trip_and_decode_matches_recompute() {
+    let k = CpuKernels::default();
+    for (scheme, method) in [(QuantScheme::Int4, Method::Awq), (QuantScheme::W8a8, Method::SmoothQuant)] {
+        for (name, mut model) in models() {
+            let v = model.vocab_size();
+            let calib: Vec<Vec<u32>> = (0..3).map(|s| tokens(32, v, s)).collect();
+            let stats = calibrate(model.as_mut(), &k, &calib, false, &mut |_, _| {}).unwrap();
+            let layers = quantize_model(model.as_mut(), &options(scheme, method), &stats, &mut |_, _, _| {}).unwrap();
+            let info = QuantInfo {
+                scheme,
+                method: method.name().into(),
+                group_size: Some(32),
+                tensors: layers.iter().map(|l| (l.name.clone(), l.scheme)).collect(),
+                settings: serde_json::Value::Null,
+            };
+            let dir = tempfile::tempdir().unwrap();
+            save_quantized(model.as_ref(), dir.path(), None, &info).unwrap();
+            let kiln_json = serde_json::json!({ "quantization": info });
+            std::fs::write(dir.path().join("kiln.json"), kiln_json.to_string()).unwrap();
+            let mut back = load_trainable(dir.path()).unwrap();
+            let x = tokens(33, v, 9);
+            assert_eq!(model.sequence_logits(&k, &x).unwrap(), back.sequence_logits(&k, &x).unwrap(), "{name}");
+
+            // Prefill 20 tokens, decode 13 more (the one-row kernels): the last logits match a full forward.
+            let mut cache = back.new_cache(1);
+            let mut logits = back.prefill(&k, &mut cache, 0, &x[..20]).unwrap();
+            for &t in &x[20..] {
+                logits = back.decode(&k, &mut cache, &[0], &[t]).unwrap();
+            }
+            let full = back.sequence_logits(&k, &x).unwrap();
+            let e = rel_err(&logits, &full[(x.len() - 1) * v..]);
+            // w8a8 rounds each row's activations with that row's own scale, so batch shape does
+            // not change the result; the bound covers f32 summation order only.
+            assert!(e < 1e-4, "{name} {scheme:?}: decode vs recompute {e:e}");
+
+            // A corrupted quantized tensor file is an error, not a panic.
+            std::fs::write(dir.path().join("model.quant.safetensors"), b"garbage").unwrap();
+            assert!(load_trainable(dir.path()).is_err());
+        }
+    }
+}
