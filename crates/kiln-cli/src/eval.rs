@@ -38,6 +38,12 @@ pub struct PplArgs {
     /// Tokens between window starts (default: half the window).
     #[arg(long)]
     stride: Option<usize>,
+    /// Score the integer-only (fixed-point w8a8, I-BERT-style) executor instead of the float model.
+    #[arg(long)]
+    integer_only: bool,
+    /// Calibration text for --integer-only's activation scales (default: random tokens).
+    #[arg(long, requires = "integer_only")]
+    calib: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -204,6 +210,9 @@ pub fn run(c: &EvalCmd) -> anyhow::Result<()> {
 
 fn ppl(a: &PplArgs) -> anyhow::Result<()> {
     let (mut model, tok) = crate::load::model_and_tokenizer(&a.ckpt)?;
+    if a.integer_only {
+        model = crate::load::model_maybe_integer(&a.ckpt, true, a.calib.as_deref())?;
+    }
     let text =
         std::fs::read_to_string(&a.data).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", a.data.display()))?;
     let ids = tok.encode(&text)?;

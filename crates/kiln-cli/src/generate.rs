@@ -41,6 +41,13 @@ pub struct GenerateArgs {
     system: Option<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run the w8a8 model as a fixed-point accelerator would: int8 × int8 → int32, integer
+    /// requantisation, integer GELU / softmax / LayerNorm (I-BERT); bit-exact and deterministic.
+    #[arg(long)]
+    integer_only: bool,
+    /// Calibration text for --integer-only's activation scales (default: random tokens).
+    #[arg(long, requires = "integer_only")]
+    calib: Option<PathBuf>,
 }
 
 pub fn run(a: &GenerateArgs) -> anyhow::Result<()> {
@@ -54,7 +61,10 @@ pub fn run(a: &GenerateArgs) -> anyhow::Result<()> {
     params
         .validate()
         .map_err(|e| usage(format!("{e} (--temperature >= 0, --top-p in (0, 1], --repetition-penalty > 0)")))?;
-    let (model, info) = kiln_serve::load_model(&a.ckpt)?;
+    let (mut model, info) = kiln_serve::load_model(&a.ckpt)?;
+    if a.integer_only {
+        model = crate::load::model_maybe_integer(&a.ckpt, true, a.calib.as_deref())?;
+    }
     let mut stop = a.stop.clone();
     let prompt = if a.chat {
         let mut messages = Vec::new();

@@ -8,7 +8,9 @@
 //! Nothing here prints: the CLI does.
 
 pub mod error;
+pub mod integer;
 pub mod lower;
+pub mod onnx;
 pub mod perf;
 pub mod report;
 pub mod shape;
@@ -16,7 +18,9 @@ pub mod spec;
 pub mod systolic;
 
 pub use error::{HwError, Result};
+pub use integer::{load_integer_only, IntegerGpt};
 pub use lower::Workload;
+pub use onnx::{export_onnx, OnnxOptions};
 pub use perf::{estimate, Estimate};
 pub use shape::ModelShape;
 pub use spec::{load_target, Kind, Precision, Target};
