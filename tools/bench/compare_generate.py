@@ -11,6 +11,10 @@ of the right size trained by `kiln tokenizer train` on tinyshakespeare, exports 
   PyTorch: prefill P tokens, then G-1 single-token steps with the KV cache (greedy)
   llama.cpp (llama-cpp-python): the same on the GGUF, f32 weights and f32 KV cache
 
+With --quant q8_0 (or q4_0) the weights are quantized on both sides instead: kiln's own
+`kiln quantize --scheme int8` (per-channel, RTN) or `--scheme int4 --group-size 32` (RTN)
+checkpoint beside llama.cpp's Q8_0 (Q4_0) GGUF exported by kiln; PyTorch has no peer there.
+
 Prefill tokens/s = P / prefill time; decode tokens/s = (G-1) / decode time; best of 3 per round.
 
     /work/venv/bin/python tools/bench/compare_generate.py --preset gpt-s --rounds 3
@@ -123,12 +127,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/kiln_bench_models"))
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--quant", choices=["q8_0", "q4_0"], help="quantized weights on both sides")
     args = ap.parse_args()
-    d = prepare(args.preset, ["f32"], args.work)
-    peers = {"kiln": lambda: run_kiln(d, args.prompt_len, args.gen, args.threads),
-             "pytorch": lambda: run_torch(d, args.prompt_len, args.gen, args.threads)}
+    ty = args.quant or "f32"
+    d = prepare(args.preset, [ty], args.work)
+    kd = d
+    if args.quant:
+        kd = d.parent / f"{d.name}-kiln-{args.quant}"
+        if not kd.exists():
+            scheme = ["--scheme", "int8"] if args.quant == "q8_0" else ["--scheme", "int4", "--group-size", "32"]
+            subprocess.run([kiln_bin(), "quantize", "--ckpt", str(d), *scheme, "--method", "rtn", "--out", str(kd)],
+                           check=True, capture_output=True)
+    peers = {"kiln": lambda: run_kiln(kd, args.prompt_len, args.gen, args.threads)}
+    if not args.quant:
+        peers["pytorch"] = lambda: run_torch(d, args.prompt_len, args.gen, args.threads)
     if not args.no_llama_cpp:
-        peers["llama.cpp"] = lambda: run_llamacpp(d / "model-f32.gguf", args.prompt_len, args.gen, args.threads)
+        peers["llama.cpp"] = lambda: run_llamacpp(d / f"model-{ty}.gguf", args.prompt_len, args.gen, args.threads)
     rows = {k: [] for k in peers}
     for r in range(args.rounds):
         for name, f in peers.items():
@@ -136,11 +150,11 @@ def main():
             rows[name].append(v)
             print(f"round {r + 1} {name:10s} prefill {v['prefill']:9.1f} tok/s   decode {v['decode']:8.1f} tok/s", flush=True)
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("prefill", "decode")} for k, v in rows.items()}
-    print(f"\nmedians ({args.preset}, prompt {args.prompt_len}, gen {args.gen}, {args.threads} threads, f32):")
+    print(f"\nmedians ({args.preset}, prompt {args.prompt_len}, gen {args.gen}, {args.threads} threads, {ty}):")
     for k, v in med.items():
         ratio = "" if k == "kiln" else f"   kiln/{k}: prefill {med['kiln']['prefill'] / v['prefill']:.2f}x, decode {med['kiln']['decode'] / v['decode']:.2f}x"
         print(f"  {k:10s} prefill {v['prefill']:9.1f}  decode {v['decode']:8.1f}{ratio}")
-    print(json.dumps({"preset": args.preset, "medians": med, "rounds": rows}))
+    print(json.dumps({"preset": args.preset, "weights": ty, "medians": med, "rounds": rows}))
 
 
 if __name__ == "__main__":
