@@ -228,8 +228,16 @@ mod tests {
 
     #[test]
     fn int4_kernel_runs_the_dequantized_weight() {
-        // W_eff from dequantize_int4 is what int4_matmul multiplies by.
-        let (m, n, k) = (3, 11, 128);
+        // W_eff from dequantize_int4 is what int4_matmul multiplies by: exactly up to f32 order
+        // for prefill (m > 4); decode (m ≤ 4) also rounds the activations to int8 per 32 block,
+        // about 0.5% relative on random data, hence 2e-2 there.
+        for (m, bound) in [(3, 2e-2), (6, 1e-5)] {
+            check_int4_kernel(m, bound);
+        }
+    }
+
+    fn check_int4_kernel(m: usize, bound: f64) {
+        let (n, k) = (11, 128);
         let w = randn(&mut rng(4), n * k, 1.0);
         let mut q = rtn_int4(&w, n, k, 32).unwrap();
         q.act_scale = Some((0..k).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect());
@@ -238,6 +246,7 @@ mod tests {
         let mut y = vec![0.0; m * n];
         kiln_tensor::quant::int4_matmul(&mut y, &x, &q, None, m);
         let y0 = dense_matmul(&x, &d, m, n, k);
-        assert!(rel_err(&y, &y0) < 1e-5);
+        let e = rel_err(&y, &y0);
+        assert!(e < bound, "m = {m}: {e:e}");
     }
 }

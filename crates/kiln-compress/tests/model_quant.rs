@@ -121,8 +121,12 @@ fn quantized_checkpoints_round_trip_and_decode_matches_recompute() {
             let full = back.sequence_logits(&k, &x).unwrap();
             let e = rel_err(&logits, &full[(x.len() - 1) * v..]);
             // w8a8 rounds each row's activations with that row's own scale, so batch shape does
-            // not change the result; the bound covers f32 summation order only.
-            assert!(e < 1e-4, "{name} {scheme:?}: decode vs recompute {e:e}");
+            // not change the result; the bound covers f32 summation order only. Int4 decode (one
+            // row) rounds activations to int8 per 32 block while the prefill recompute multiplies
+            // f32 activations, so its bound covers that rounding.
+            let bound = if scheme == QuantScheme::Int4 { 2e-2 } else { 1e-4 };
+            eprintln!("{name} {scheme:?}: decode vs recompute {e:.2e}");
+            assert!(e < bound, "{name} {scheme:?}: decode vs recompute {e:e}");
 
             // A corrupted quantized tensor file is an error, not a panic.
             std::fs::write(dir.path().join("model.quant.safetensors"), b"garbage").unwrap();

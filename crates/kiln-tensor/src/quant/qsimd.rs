@@ -7,9 +7,14 @@
 //! products cannot overflow i32, so nothing saturates); AVX512-VNNI uses `vpdpbusd`, which wants
 //! one unsigned operand, so it runs on x + 128 (x ^ 0x80) and subtracts 128·Σw. All integer sums
 //! wrap modulo 2³², so every path gives the same i32 whenever the true sum fits in one.
+//!
+//! [`I4Dot`] is the int4 decode's block product: 32 4-bit codes (16 packed bytes) times 32 int8
+//! activations, exact in i32, scaled into f32 partial sums (llama.cpp's Q4_0 × Q8_0 block).
 #![allow(clippy::missing_safety_doc)]
 // Register arrays are indexed by row and unroll slot, the way the SIMD loops read.
 #![allow(clippy::needless_range_loop)]
+
+use half::f16;
 
 use crate::simd::{Isa, Scalar, Simd};
 
@@ -90,13 +95,110 @@ impl IntDot for ScalarDot {
     }
 }
 
+/// Elements per int4 decode block: one activation scale, one exact i32 dot per weight row.
+pub(crate) const I4_BLOCK: usize = 32;
+
+/// Exact products of int4 weight blocks with int8 activations, two 32-element blocks at a time
+/// (llama.cpp's Q4_0 × Q8_0 block product, two at once so one 256-bit load covers both).
+///
+/// The codes of blocks b, b+1 are 32 bytes (element 2j in the low nibble of byte j). The
+/// activations of the pair are stored as 64 bytes: block b's 16 even elements, block b+1's 16
+/// even ones, then their odd ones likewise (the order the nibbles unpack in, so no shuffle).
+/// [`I4Dot::dots`] gives f32 lanes whose first half sums to block b's i32 dot and second half to
+/// block b+1's; the sums are exact (|dot| ≤ 32·15·127 < 2²⁴, so they also convert exactly).
+pub(crate) trait I4Dot {
+    /// The unpacked codes of a pair, used for every activation row.
+    type Q: Copy;
+    /// f32 lanes, the first half for block b and the second for block b+1.
+    type V: Copy;
+    unsafe fn zero() -> Self::V;
+    /// The codes of blocks b, b+1 (32 bytes at `q`).
+    unsafe fn unpack(q: *const u8) -> Self::Q;
+    /// Block b alone (16 bytes at `q`; block b+1's codes read as 0).
+    unsafe fn unpack_one(q: *const u8) -> Self::Q;
+    /// The two exact dots with the 64 activation bytes at `x`, spread over the lanes.
+    unsafe fn dots(q: Self::Q, x: *const i8) -> Self::V;
+    /// The 8 floats at `p` (the scalar path reads lanes 0 and 4, one per half).
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn splat(v: f32) -> Self::V;
+    /// `p[0]` in the first half, `p[1]` in the second.
+    unsafe fn splat2(p: *const f32) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// `a·b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// The sum of all lanes of `a + b`.
+    unsafe fn finish(a: Self::V, b: Self::V) -> f32;
+    /// `dst = src` as f32 (F16C on x86): a weight row's group scales and zeros.
+    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]);
+    /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const u8) {}
+}
+
+impl I4Dot for ScalarDot {
+    #[inline(always)]
+    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+    }
+    type Q = (*const u8, bool);
+    type V = [f32; 2];
+    #[inline(always)]
+    unsafe fn zero() -> [f32; 2] {
+        [0.0; 2]
+    }
+    #[inline(always)]
+    unsafe fn unpack(q: *const u8) -> (*const u8, bool) {
+        (q, true)
+    }
+    #[inline(always)]
+    unsafe fn unpack_one(q: *const u8) -> (*const u8, bool) {
+        (q, false)
+    }
+    #[inline(always)]
+    unsafe fn dots((q, two): (*const u8, bool), x: *const i8) -> [f32; 2] {
+        let mut d = [0i32; 2];
+        for (h, dh) in d.iter_mut().enumerate().take(1 + two as usize) {
+            for j in 0..16 {
+                let b = *q.add(16 * h + j) as i32;
+                *dh += (b & 0x0F) * *x.add(16 * h + j) as i32 + (b >> 4) * *x.add(32 + 16 * h + j) as i32;
+            }
+        }
+        [d[0] as f32, d[1] as f32]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [f32; 2] {
+        [*p, *p.add(4)]
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> [f32; 2] {
+        [v; 2]
+    }
+    #[inline(always)]
+    unsafe fn splat2(p: *const f32) -> [f32; 2] {
+        [*p, *p.add(1)]
+    }
+    #[inline(always)]
+    unsafe fn mul(a: [f32; 2], b: [f32; 2]) -> [f32; 2] {
+        [a[0] * b[0], a[1] * b[1]]
+    }
+    #[inline(always)]
+    unsafe fn fma(a: [f32; 2], b: [f32; 2], c: [f32; 2]) -> [f32; 2] {
+        [a[0] * b[0] + c[0], a[1] * b[1] + c[1]]
+    }
+    #[inline(always)]
+    unsafe fn finish(a: [f32; 2], b: [f32; 2]) -> f32 {
+        (a[0] + b[0]) + (a[1] + b[1])
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2Dot, Avx512Dot, VnniDot};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{IntDot, QSimd};
+    use super::{I4Dot, IntDot, QSimd};
     use crate::simd::{Avx2, Avx512};
+    use half::f16;
     use std::arch::x86_64::*;
 
     impl QSimd for Avx2 {
@@ -132,6 +234,113 @@ mod x86 {
             _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         }
     }
+
+    #[inline(always)]
+    unsafe fn hsum256_ps(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The low nibbles of 32 bytes (block b's evens, block b+1's) and the high ones (their odds).
+    #[inline(always)]
+    unsafe fn nibbles(v: __m256i) -> (__m256i, __m256i) {
+        let m = _mm256_set1_epi8(0x0F);
+        (_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16::<4>(v), m))
+    }
+
+    /// The [`I4Dot`] items every x86 path shares (8 f32 lanes, halves = 128-bit lanes); `$dots`
+    /// turns (low codes, high codes, activations) into i32 lanes.
+    macro_rules! i4dot_x86 {
+        ($t:ty, $dots:ident) => {
+            impl I4Dot for $t {
+                type Q = (__m256i, __m256i);
+                type V = __m256;
+                #[inline(always)]
+                unsafe fn zero() -> __m256 {
+                    _mm256_setzero_ps()
+                }
+                #[inline(always)]
+                unsafe fn unpack(q: *const u8) -> (__m256i, __m256i) {
+                    nibbles(_mm256_loadu_si256(q as *const __m256i))
+                }
+                #[inline(always)]
+                unsafe fn unpack_one(q: *const u8) -> (__m256i, __m256i) {
+                    nibbles(_mm256_zextsi128_si256(_mm_loadu_si128(q as *const __m128i)))
+                }
+                #[inline(always)]
+                unsafe fn dots((lo, hi): (__m256i, __m256i), x: *const i8) -> __m256 {
+                    let xl = _mm256_loadu_si256(x as *const __m256i);
+                    let xh = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                    _mm256_cvtepi32_ps($dots(lo, xl, hi, xh))
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> __m256 {
+                    _mm256_loadu_ps(p)
+                }
+                #[inline(always)]
+                unsafe fn splat(v: f32) -> __m256 {
+                    _mm256_set1_ps(v)
+                }
+                #[inline(always)]
+                unsafe fn splat2(p: *const f32) -> __m256 {
+                    let two = _mm_castpd_ps(_mm_load_sd(p as *const f64));
+                    _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1))
+                }
+                #[inline(always)]
+                unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+                    _mm256_mul_ps(a, b)
+                }
+                #[inline(always)]
+                unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+                    _mm256_fmadd_ps(a, b, c)
+                }
+                #[inline(always)]
+                unsafe fn finish(a: __m256, b: __m256) -> f32 {
+                    hsum256_ps(_mm256_add_ps(a, b))
+                }
+                #[inline(always)]
+                unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+                    let n = src.len().min(dst.len());
+                    let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        let h = _mm_loadu_si128(sp.add(i) as *const __m128i);
+                        _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(h));
+                        i += 8;
+                    }
+                    while i < n {
+                        *dp.add(i) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*sp.add(i) as i32)));
+                        i += 1;
+                    }
+                }
+                #[inline(always)]
+                unsafe fn prefetch(p: *const u8) {
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+                }
+            }
+        };
+    }
+
+    /// `vpmaddubsw` (u8 code × i8 activation, pairs to i16: 2·15·127 = 3810), the low and high
+    /// products added in i16 (7620, no saturation), then `vpmaddwd` with ones into i32.
+    #[inline(always)]
+    unsafe fn dots_maddubs(lo: __m256i, xl: __m256i, hi: __m256i, xh: __m256i) -> __m256i {
+        let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    /// AVX512-VNNI (256-bit, AVX512VL): `vpdpbusd` does u8 × i8 → i32 in one instruction.
+    #[inline(always)]
+    unsafe fn dots_vnni(lo: __m256i, xl: __m256i, hi: __m256i, xh: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh)
+    }
+
+    // A pair of blocks is one 256-bit vector; AVX-512BW runs the AVX2 code with EVEX encodings.
+    i4dot_x86!(Avx2Dot, dots_maddubs);
+    i4dot_x86!(Avx512Dot, dots_maddubs);
+    i4dot_x86!(VnniDot, dots_vnni);
 
     #[inline(always)]
     unsafe fn hsum256(v: __m256i) -> i32 {
