@@ -4,6 +4,7 @@
 //! The kernel boundary is the [`Kernels`] trait: model code calls it and never sees which
 //! backend (reference, CPU SIMD, later CUDA) does the work.
 
+pub mod bf16;
 pub mod kernels;
 pub mod probe;
 pub mod quant;
