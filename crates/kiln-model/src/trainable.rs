@@ -56,61 +56,68 @@ pub trait TrainableLm: CausalLm {
     fn train_flops_per_token(&self, t: usize) -> f64;
 }
 
+/// The trait methods both architectures answer from their inherent methods and fields.
+macro_rules! shared_trainable_methods {
+    () => {
+        fn param_info(&self) -> &[ParamInfo] {
+            Self::param_info(self)
+        }
+        fn params(&self) -> &[Vec<f32>] {
+            &self.params
+        }
+        fn params_mut(&mut self) -> &mut [Vec<f32>] {
+            &mut self.params
+        }
+        fn grads(&self) -> &[Vec<f32>] {
+            &self.grads
+        }
+        fn grads_mut(&mut self) -> &mut [Vec<f32>] {
+            &mut self.grads
+        }
+        fn params_and_grads(&mut self) -> (&mut [Vec<f32>], &[Vec<f32>]) {
+            (&mut self.params, &self.grads)
+        }
+        fn zero_grad(&mut self) {
+            Self::zero_grad(self)
+        }
+        fn forward(
+            &mut self,
+            k: &dyn Kernels,
+            tokens: &[u32],
+            targets: Option<&[u32]>,
+            b: usize,
+            t: usize,
+        ) -> Result<Option<f32>, ModelError> {
+            Self::forward(self, k, tokens, targets, b, t)
+        }
+        fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+            Self::backward(self, k, loss_scale)
+        }
+        fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError> {
+            Ok(Box::new(Self::zeros(self.config.clone())?))
+        }
+        fn memory_bytes(&self) -> usize {
+            Self::memory_bytes(self)
+        }
+        fn linear_params(&self) -> Vec<usize> {
+            Self::linear_params(self)
+        }
+        fn linears(&self) -> &Linears {
+            &self.lin
+        }
+        fn linears_mut(&mut self) -> &mut Linears {
+            &mut self.lin
+        }
+    };
+}
+
 impl TrainableLm for Gpt {
-    fn param_info(&self) -> &[ParamInfo] {
-        Gpt::param_info(self)
-    }
-    fn params(&self) -> &[Vec<f32>] {
-        &self.params
-    }
-    fn params_mut(&mut self) -> &mut [Vec<f32>] {
-        &mut self.params
-    }
-    fn grads(&self) -> &[Vec<f32>] {
-        &self.grads
-    }
-    fn grads_mut(&mut self) -> &mut [Vec<f32>] {
-        &mut self.grads
-    }
-    fn params_and_grads(&mut self) -> (&mut [Vec<f32>], &[Vec<f32>]) {
-        (&mut self.params, &self.grads)
-    }
-    fn zero_grad(&mut self) {
-        Gpt::zero_grad(self)
-    }
-    fn forward(
-        &mut self,
-        k: &dyn Kernels,
-        tokens: &[u32],
-        targets: Option<&[u32]>,
-        b: usize,
-        t: usize,
-    ) -> Result<Option<f32>, ModelError> {
-        Gpt::forward(self, k, tokens, targets, b, t)
-    }
-    fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
-        Gpt::backward(self, k, loss_scale)
-    }
-    fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError> {
-        Ok(Box::new(Gpt::zeros(self.config.clone())?))
-    }
-    fn memory_bytes(&self) -> usize {
-        Gpt::memory_bytes(self)
-    }
+    shared_trainable_methods!();
     fn save_hf_keeping(&self, dir: &Path, eos: Option<u32>, keep: &dyn Fn(&str) -> bool) -> Result<(), ModelError> {
         save_hf_files_keeping(self, dir, eos, keep)
     }
-    fn linear_params(&self) -> Vec<usize> {
-        Gpt::linear_params(self)
-    }
     fn embedding_params(&self) -> Vec<usize> {
         vec![0] // wte; the position table wpe is added, never multiplied
-    }
-    fn linears(&self) -> &Linears {
-        &self.lin
-    }
-    fn linears_mut(&mut self) -> &mut Linears {
-        &mut self.lin
     }
     fn train_flops_per_token(&self, t: usize) -> f64 {
         self.config.train_flops_per_token(t)
@@ -118,60 +125,12 @@ impl TrainableLm for Gpt {
 }
 
 impl TrainableLm for Llama {
-    fn param_info(&self) -> &[ParamInfo] {
-        Llama::param_info(self)
-    }
-    fn params(&self) -> &[Vec<f32>] {
-        &self.params
-    }
-    fn params_mut(&mut self) -> &mut [Vec<f32>] {
-        &mut self.params
-    }
-    fn grads(&self) -> &[Vec<f32>] {
-        &self.grads
-    }
-    fn grads_mut(&mut self) -> &mut [Vec<f32>] {
-        &mut self.grads
-    }
-    fn params_and_grads(&mut self) -> (&mut [Vec<f32>], &[Vec<f32>]) {
-        (&mut self.params, &self.grads)
-    }
-    fn zero_grad(&mut self) {
-        Llama::zero_grad(self)
-    }
-    fn forward(
-        &mut self,
-        k: &dyn Kernels,
-        tokens: &[u32],
-        targets: Option<&[u32]>,
-        b: usize,
-        t: usize,
-    ) -> Result<Option<f32>, ModelError> {
-        Llama::forward(self, k, tokens, targets, b, t)
-    }
-    fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
-        Llama::backward(self, k, loss_scale)
-    }
-    fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError> {
-        Ok(Box::new(Llama::zeros(self.config.clone())?))
-    }
-    fn memory_bytes(&self) -> usize {
-        Llama::memory_bytes(self)
-    }
+    shared_trainable_methods!();
     fn save_hf_keeping(&self, dir: &Path, eos: Option<u32>, keep: &dyn Fn(&str) -> bool) -> Result<(), ModelError> {
         save_llama_hf_files_keeping(self, dir, eos, None, keep)
     }
-    fn linear_params(&self) -> Vec<usize> {
-        Llama::linear_params(self)
-    }
     fn embedding_params(&self) -> Vec<usize> {
         vec![self.embed_index()]
-    }
-    fn linears(&self) -> &Linears {
-        &self.lin
-    }
-    fn linears_mut(&mut self) -> &mut Linears {
-        &mut self.lin
     }
     fn train_flops_per_token(&self, t: usize) -> f64 {
         let c = &self.config;
