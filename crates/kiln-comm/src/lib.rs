@@ -3,13 +3,16 @@
 //! [`Comm`] is one rank's handle on a group of ranks: all-reduce, reduce-scatter, all-gather,
 //! broadcast, send/recv, barrier, and `split` into sub-groups (the dp, tp and pp dimensions of a
 //! [`Plan`]). Engines: [`ThreadComm`] (ranks are threads of one process, shared memory, always
-//! built). Every blocking call has a timeout and names the rank it was waiting for, so a dead
+//! built) and, with the cargo feature `mpi`, `MpiComm` (ranks are processes under `mpirun`,
+//! Open MPI). Every blocking call has a timeout and names the rank it was waiting for, so a dead
 //! or stalled rank turns into a [`CommError`] on every other rank instead of a hang.
 //!
 //! Reductions are deterministic: element `i` is always summed in rank order 0, 1, …, n−1, so
 //! every rank gets the same bits, run after run.
 
 pub mod bench;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod plan;
 mod thread;
 
@@ -18,6 +21,9 @@ use std::time::Duration;
 
 pub use plan::{Plan, PlanGroups};
 pub use thread::ThreadComm;
+
+#[cfg(feature = "mpi")]
+pub use crate::mpi::MpiComm;
 
 /// How an all-reduce or reduce-scatter combines the ranks' values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
