@@ -1,7 +1,8 @@
 //! `kiln bench train`: the speed of one training step, with the machine's peak beside it.
 
 use clap::{Args, Subcommand};
-use kiln_tensor::CpuKernels;
+use kiln_tensor::{CpuKernels, Kernels};
+use kiln_train::Precision;
 
 use crate::{ui, usage};
 
@@ -50,9 +51,13 @@ pub struct BenchTrainArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Only f32 exists today; bf16/fp16 arrive with mixed precision.
+    /// fp32, bf16 (bf16 linear layers with f32 accumulation, vdpbf16ps where the CPU has
+    /// AVX512-BF16) or fp16 (F16C-rounded operands). Master weights and optimizer stay f32.
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// bf16: round the weights to bf16 stochastically instead of to nearest even.
+    #[arg(long)]
+    stochastic_rounding: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -69,17 +74,21 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Train(a) => a,
         BenchCmd::Generate(g) => return bench_generate(g),
     };
-    if a.precision != "fp32" {
-        return Err(usage(format!("--precision {} is not implemented yet (fp32 only)", a.precision)));
+    let precision: Precision = a.precision.parse().map_err(usage)?;
+    if a.stochastic_rounding && precision != Precision::Bf16 {
+        return Err(usage("--stochastic-rounding applies to --precision bf16 only"));
     }
     if a.batch == 0 || a.seq == 0 {
         return Err(usage("--batch and --seq must be at least 1"));
     }
-    let peak = kiln_tensor::probe::f32_peak_gflops();
-    let k = CpuKernels::default();
+    let k = kiln_train::kernels_for(precision, a.stochastic_rounding, Box::new(CpuKernels::default()));
     if let Some(dp) = a.dp {
-        return bench_train_dp(a, dp, &k);
+        return bench_train_dp(a, dp, k.as_ref());
     }
+    let (peak, peak_name) = match precision {
+        Precision::Bf16 => (kiln_tensor::probe::bf16_peak_gflops(), "bf16"),
+        _ => (kiln_tensor::probe::f32_peak_gflops(), "f32"),
+    };
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar((a.warmup + a.steps) as u64, "bench step") };
     let r = kiln_train::bench::bench_train(
         &a.preset,
@@ -89,7 +98,7 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
         a.warmup,
         a.steps,
         peak,
-        &k,
+        k.as_ref(),
         &mut |i, _| pb.set_position(i as u64),
     )?;
     pb.finish_and_clear();
@@ -97,7 +106,7 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["peak_rss_mb"] = rss.into();
-        v["precision"] = "fp32".into();
+        v["precision"] = precision.to_string().into();
         println!("{v}");
     } else {
         println!(
@@ -116,7 +125,7 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
             r.step_ms, r.forward_ms, r.backward_ms, r.optimizer_ms
         );
         println!(
-            "  achieved      {:>10.1} GFLOP/s ({:.0}% of the measured f32 peak of {:.1} GFLOP/s)",
+            "  achieved      {:>10.1} GFLOP/s ({:.0}% of the measured {peak_name} peak of {:.1} GFLOP/s)",
             r.gflops,
             100.0 * r.peak_fraction,
             r.peak_gflops
@@ -130,7 +139,7 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
 }
 
 /// `kiln bench train --dp D [--zero 1]`: data-parallel steps, one thread pool per rank.
-fn bench_train_dp(a: &BenchTrainArgs, dp: usize, k: &CpuKernels) -> anyhow::Result<()> {
+fn bench_train_dp(a: &BenchTrainArgs, dp: usize, k: &dyn Kernels) -> anyhow::Result<()> {
     let r = kiln_train::bench_data_parallel(&a.preset, a.vocab, a.batch, a.seq, a.warmup, a.steps, dp, a.zero, k)?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;

@@ -45,9 +45,19 @@ pub struct TrainArgs {
     /// Tokens per sequence.
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step: the effective batch is grad-accum × batch.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// fp32, bf16 or fp16: what the linear layers multiply in (with f32 accumulation); master
+    /// weights, AdamW, norms, softmax and the loss stay f32. fp16 adds dynamic loss scaling.
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// bf16: round the f32 weights to bf16 stochastically each step (llm.c) instead of to nearest.
+    #[arg(long)]
+    pub stochastic_rounding: bool,
+    /// fp16: initial loss scale (default 65536, as PyTorch's GradScaler).
+    #[arg(long)]
+    pub loss_scale: Option<f32>,
     /// Peak learning rate.
     #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f32>,
@@ -89,11 +99,22 @@ pub struct TrainArgs {
     /// Seconds a rank waits for a stalled peer before the run fails.
     #[arg(long)]
     pub comm_timeout: Option<u64>,
+    /// How the --dp ranks talk: `threads` (ranks are threads of this process) or `mpi` (one
+    /// process per rank, started by Open MPI: `mpirun -np 2 kiln train --comm mpi --dp 2 ...`;
+    /// needs a kiln built with `--features mpi`).
+    #[arg(long, default_value = "threads", value_parser = ["threads", "mpi"])]
+    pub comm: String,
 }
 
 impl TrainArgs {
     /// Applies every flag that was given on top of `cfg`.
-    fn apply(&self, cfg: &mut TrainConfig) {
+    fn apply(&self, cfg: &mut TrainConfig) -> anyhow::Result<()> {
+        if let Some(p) = &self.precision {
+            cfg.precision = p.parse().map_err(usage)?;
+        }
+        if self.stochastic_rounding {
+            cfg.stochastic_rounding = true;
+        }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { cfg.$f = v.clone().into(); } )* };
         }
@@ -114,7 +135,8 @@ impl TrainArgs {
             seed,
             out,
             dp,
-            zero
+            zero,
+            loss_scale
         );
         if let Some(s) = self.comm_timeout {
             cfg.comm_timeout_s = s;
@@ -123,6 +145,7 @@ impl TrainArgs {
             ($($f:ident),*) => { $( if self.$f.is_some() { cfg.$f = self.$f.clone(); } )* };
         }
         set_opt!(data, tokenizer, n_layer, n_head, n_embd, context, metrics, min_lr);
+        Ok(())
     }
 }
 
@@ -148,8 +171,8 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
                     cfg.metrics = None;
                 }
             }
-            a.apply(&mut cfg);
-            return train(cfg, Some(ck), a.stop_at);
+            a.apply(&mut cfg)?;
+            return train(cfg, Some(ck), a);
         }
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
@@ -158,12 +181,29 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         }
         (None, None) => TrainConfig::default(),
     };
-    a.apply(&mut cfg);
-    train(cfg, None, a.stop_at)
+    a.apply(&mut cfg)?;
+    train(cfg, None, a)
 }
 
-fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Option<u64>) -> anyhow::Result<()> {
+/// This process's place in an MPI job (`mpirun`), as a `Comm` over all its processes.
+#[cfg(feature = "mpi")]
+fn mpi_world(cfg: &TrainConfig) -> anyhow::Result<Box<dyn kiln_comm::Comm>> {
+    let timeout = std::time::Duration::from_secs(cfg.comm_timeout_s);
+    Ok(Box::new(kiln_comm::MpiComm::world(timeout)?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world(_: &TrainConfig) -> anyhow::Result<Box<dyn kiln_comm::Comm>> {
+    Err(usage(
+        "--comm mpi: this kiln was built without MPI; rebuild with `cargo build --release -p kiln-cli --features mpi` \
+         (Debian: apt-get install libopenmpi-dev openmpi-bin clang libclang-dev)",
+    ))
+}
+
+fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, a: &TrainArgs) -> anyhow::Result<()> {
     cfg.validate()?;
+    let comm = if a.comm == "mpi" { Some(mpi_world(&cfg)?) } else { None };
+    let rank = comm.as_ref().map_or(0, |c| c.rank());
     let data_dir =
         cfg.data.clone().ok_or_else(|| usage("--data DIR is required (make one with `kiln data prepare`)"))?;
     let data = Dataset::open(&data_dir)?;
@@ -181,27 +221,43 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
             Trainer::new(cfg.clone(), tok, data, Box::new(CpuKernels::default()))?
         }
     };
+    let stop = a.stop_at.unwrap_or(cfg.steps).min(cfg.steps);
+    if rank != 0 {
+        // Ranks other than 0 train their share silently; rank 0 reports and writes the files.
+        trainer.run_as_rank(comm.expect("an MPI rank"), stop, &mut |_| {})?;
+        return Ok(());
+    }
     std::fs::create_dir_all(&cfg.out)?;
-    let stop = stop_at.unwrap_or(cfg.steps).min(cfg.steps);
     let pb = ui::bar(stop, "step");
     let interactive = !pb.is_hidden();
     // A hidden bar (stderr not a terminal) swallows println; write those lines to stderr instead.
     let say = |msg: String| if interactive { pb.println(msg) } else { eprintln!("{msg}") };
-    trainer.run_until(stop, &mut |e| match e {
+    let kernels = trainer.kernels().name();
+    let engine = comm.as_ref().map_or("threads", |c| c.engine());
+    let mut on_event = |e: Event| match e {
         Event::Started { start_step, total_steps, params } => {
             pb.set_position(start_step);
             pb.reset_eta();
-            let plan =
-                if cfg.dp > 1 { format!(", data parallel {} ranks, ZeRO-{}", cfg.dp, cfg.zero) } else { String::new() };
+            let plan = if cfg.dp > 1 {
+                format!(", data parallel {} ranks ({engine}), ZeRO-{}", cfg.dp, cfg.zero)
+            } else {
+                String::new()
+            };
             say(format!(
-                "training {:.2}M parameters, steps {start_step}..{total_steps}, {} threads, kernels {}{plan}",
+                "training {:.2}M parameters, steps {start_step}..{total_steps}, {} threads, kernels {kernels}{plan}",
                 params as f64 / 1e6,
                 rayon::current_num_threads(),
-                CpuKernels::default().isa.name()
             ));
         }
         Event::Step(m) => {
             pb.set_position(m.step);
+            if m.skipped {
+                say(format!(
+                    "step {}: fp16 gradients overflowed, update skipped; loss scale now {}",
+                    m.step,
+                    m.loss_scale.unwrap_or(f32::NAN) / 2.0
+                ));
+            }
             pb.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss, m.lr, m.tokens_per_s));
             if !interactive && (m.step.is_multiple_of(10) || m.step == stop) {
                 eprintln!("step {}/{} loss {:.4} lr {:.2e} {:.0} tok/s", m.step, stop, m.loss, m.lr, m.tokens_per_s);
@@ -214,7 +270,11 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, stop_at: Opti
             }
         }
         Event::Checkpoint { step, path } => say(format!("step {step}: checkpoint {}", path.display())),
-    })?;
+    };
+    match comm {
+        Some(c) => trainer.run_as_rank(c, stop, &mut on_event)?,
+        None => trainer.run_until(stop, &mut on_event)?,
+    }
     pb.finish_and_clear();
     let metrics = cfg.metrics_path();
     let plot = cfg.out.join("loss");

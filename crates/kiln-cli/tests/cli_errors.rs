@@ -191,6 +191,39 @@ fn nonsensical_flags() {
     let dp = f.root.join("run-dp");
     assert_fails(&run_train(f, &dp, &["--batch", "5", "--dp", "2"]), 2, "divisible by --dp 2");
     assert!(!dp.join("checkpoint").exists());
+    // Precision flags: unknown names, and options that do not go together.
+    assert_fails(&run_train(f, &f.root.join("run-p"), &["--precision", "int8"]), 2, "use fp32, bf16 or fp16");
+    assert_fails(
+        &run_train(f, &f.root.join("run-sr"), &["--stochastic-rounding"]),
+        2,
+        "--stochastic-rounding applies to --precision bf16 only",
+    );
+    assert_fails(
+        &run_train(f, &f.root.join("run-f16dp"), &["--precision", "fp16", "--dp", "2"]),
+        2,
+        "fp16 with --dp > 1 is not implemented",
+    );
+    assert_fails(&kiln(&["bench", "train", "--precision", "fp8"]), 2, "use fp32, bf16 or fp16");
+    if !cfg!(feature = "mpi") {
+        assert_fails(&kiln(&["train", "--comm", "mpi", "--data", "x"]), 2, "built without MPI");
+    }
+}
+
+/// A short fp16 run from the command line: the loss scale reaches the metrics and the checkpoint
+/// says which precision trained it.
+#[test]
+fn fp16_and_bf16_train_from_the_command_line() {
+    let f = fixture();
+    for p in ["bf16", "fp16"] {
+        let run = f.root.join(format!("run-{p}"));
+        let out = run_train(f, &run, &["--precision", p, "--steps", "3"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let kiln_json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/kiln.json")).unwrap()).unwrap();
+        assert_eq!(kiln_json["precision"], p);
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.contains("\"loss_scale\":65536.0"), p == "fp16", "{metrics}");
+    }
 }
 
 #[test]

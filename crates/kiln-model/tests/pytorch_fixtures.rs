@@ -74,3 +74,61 @@ fn gpt_s_shaped_layer_matches_pytorch() {
     check("gpt_s_small.safetensors", &CpuKernels::default());
     check("gpt_s_small.safetensors", &ReferenceKernels);
 }
+
+/// Mixed precision against `torch.autocast('cpu', dtype)` (tools/autocast_reference.py): the
+/// same weights and batch, forward and backward with bf16 or fp16 linear layers.
+///
+/// Two implementations that both round to bf16 (8 significant bits) but accumulate in different
+/// orders, and where PyTorch also runs attention's matmuls in bf16, agree only to about
+/// bf16's own resolution: the bound is 1e-2 relative for logits and gradients (bf16's unit
+/// roundoff is 3.9e-3) and 2e-3 for the loss; fp16 (11 bits) gets bounds 8× tighter. Each run
+/// must also sit measurably away from the f32 result, so a path that skipped the rounding fails.
+#[test]
+fn mixed_precision_matches_pytorch_autocast() {
+    use kiln_tensor::{LowPrecision, MixedPrecisionKernels};
+    for (name, with_grads) in [("gpt_tiny", true), ("gpt_s_small", false)] {
+        let (f, meta) = read_safetensors_f32(&fixture(&format!("{name}.safetensors"))).unwrap();
+        let (ac, _) = read_safetensors_f32(&fixture(&format!("{name}_autocast.safetensors"))).unwrap();
+        let get = |k: &str| meta[k].parse::<usize>().unwrap();
+        let cfg = GptConfig {
+            n_layer: get("n_layer"),
+            n_head: get("n_head"),
+            n_embd: get("n_embd"),
+            block_size: get("block_size"),
+            vocab_size: get("vocab_size"),
+        };
+        let (b, s) = (get("batch"), get("seq"));
+        let x: Vec<u32> = f["x"].1.iter().map(|&v| v as u32).collect();
+        let y: Vec<u32> = f["y"].1.iter().map(|&v| v as u32).collect();
+        for (tag, p, tol) in [("bf16", LowPrecision::Bf16, 1e-2f64), ("fp16", LowPrecision::Fp16, 1.25e-3)] {
+            let k = MixedPrecisionKernels::new(Box::new(CpuKernels::default()), p, false);
+            let mut model = Gpt::zeros(cfg.clone()).unwrap();
+            for info in model.param_info().to_vec() {
+                model.set_param(&info.name, &f[&info.name].1).unwrap();
+            }
+            let loss = model.forward(&k, &x, Some(&y), b, s).unwrap().unwrap();
+            let want_loss = ac[&format!("{tag}.loss")].1[0];
+            let loss_err = ((loss - want_loss) / want_loss).abs();
+            assert!((loss_err as f64) < tol / 5.0, "{name} {tag}: loss {loss} vs autocast {want_loss}");
+            let (v, vp) = (cfg.vocab_size, cfg.padded_vocab());
+            let logits: Vec<f32> = model.logits().unwrap().chunks(vp).flat_map(|r| r[..v].to_vec()).collect();
+            let e = rel_err(&logits, &ac[&format!("{tag}.logits")].1);
+            let from_f32 = rel_err(&logits, &f["logits"].1);
+            assert!(e < tol, "{name} {tag}: logits differ from autocast by {e:e}");
+            assert!(from_f32 > tol / 100.0, "{name} {tag}: logits equal f32's ({from_f32:e}): nothing was rounded");
+            let mut worst = 0.0f64;
+            if with_grads {
+                model.zero_grad();
+                model.backward(&k, 1.0).unwrap();
+                for (i, info) in model.param_info().iter().enumerate() {
+                    let e = rel_err(model.grad_values(i), &ac[&format!("{tag}.grad.{}", info.name)].1);
+                    assert!(e < tol, "{name} {tag} grad {}: {e:e} from autocast", info.name);
+                    worst = worst.max(e);
+                }
+            }
+            eprintln!(
+                "{name} {tag}: loss err {loss_err:.1e}, logits err {e:.2e} (from f32 {from_f32:.2e}), worst grad err {worst:.2e}"
+            );
+        }
+    }
+}

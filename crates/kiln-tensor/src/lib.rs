@@ -11,7 +11,7 @@ pub mod quant;
 pub mod simd;
 mod tensor;
 
-pub use kernels::{CpuKernels, Kernels, ReferenceKernels};
+pub use kernels::{CpuKernels, Kernels, LowPrecision, MixedPrecisionKernels, ReferenceKernels};
 pub use simd::Isa;
 pub use tensor::{DType, Shape, Tensor, TensorError};
 

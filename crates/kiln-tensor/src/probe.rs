@@ -1,4 +1,5 @@
-//! Machine-limit probes: the f32 FMA peak every speed figure is a fraction of.
+//! Machine-limit probes: the f32 FMA (and bf16 dot-product) peak every speed figure is a
+//! fraction of, and the memory read bandwidth.
 
 use std::time::Instant;
 
@@ -46,6 +47,27 @@ pub fn f32_peak_gflops() -> f64 {
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(sink);
         let flops = (threads * iters * CHAINS * lanes(isa) * 2) as f64;
+        best = best.max(flops / secs / 1e9);
+    }
+    best
+}
+
+/// Measured peak bf16 GFLOP/s on all rayon threads: `vdpbf16ps` throughput on AVX512-BF16;
+/// elsewhere the bf16 GEMM widens to f32 and FMAs, so its ceiling is [`f32_peak_gflops`].
+pub fn bf16_peak_gflops() -> f64 {
+    let iters = 2_000_000;
+    if crate::bf16::dpbf16_probe(1).is_none() {
+        return f32_peak_gflops();
+    }
+    let threads = rayon::current_num_threads();
+    let mut best: f64 = 0.0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let runs: Vec<(f64, f32)> =
+            (0..threads).into_par_iter().map(|_| crate::bf16::dpbf16_probe(iters).expect("checked")).collect();
+        let secs = start.elapsed().as_secs_f64();
+        let flops: f64 = runs.iter().map(|r| r.0).sum();
+        std::hint::black_box(runs.iter().map(|r| r.1).sum::<f32>());
         best = best.max(flops / secs / 1e9);
     }
     best

@@ -10,7 +10,7 @@ use kiln_data::{SamplerState, Tokenizer};
 use kiln_model::{load_trainable, read_safetensors_f32, safetensors_bytes, write_atomic, TrainableLm};
 use serde::{Deserialize, Serialize};
 
-use crate::{AdamW, TrainConfig, TrainError};
+use crate::{AdamW, LossScaler, TrainConfig, TrainError};
 
 /// Where a run stands: enough, with the weights and moments, to continue bit-identically.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -19,6 +19,9 @@ pub struct TrainingState {
     pub step: u64,
     pub sampler: SamplerState,
     pub config: TrainConfig,
+    /// fp16 runs: the dynamic loss scale where the run stood.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 pub struct Checkpoint {
@@ -80,7 +83,7 @@ pub fn save_checkpoint(
         "version": 1,
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "architecture": model.model_type(),
-        "precision": "fp32",
+        "precision": state.config.precision.to_string(),
         "quantization": null,
         "pruning": null,
         "step": state.step,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::TrainError;
+use crate::{Precision, TrainError};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -23,6 +23,14 @@ pub struct TrainConfig {
     pub batch: usize,
     pub seq: usize,
     pub grad_accum: usize,
+    /// fp32, bf16 or fp16 linear layers (master weights and optimizer stay f32).
+    pub precision: Precision,
+    /// bf16: round the f32 weights to bf16 stochastically each step (llm.c) instead of to nearest.
+    pub stochastic_rounding: bool,
+    /// fp16: the initial dynamic loss scale (PyTorch's GradScaler: 2^16).
+    pub loss_scale: f32,
+    /// fp16: clean steps after which the loss scale doubles (GradScaler: 2000).
+    pub loss_scale_growth_interval: u64,
     pub lr: f32,
     /// Floor of the cosine decay; defaults to lr / 10.
     pub min_lr: Option<f32>,
@@ -65,6 +73,10 @@ impl Default for TrainConfig {
             batch: 8,
             seq: 256,
             grad_accum: 1,
+            precision: Precision::Fp32,
+            stochastic_rounding: false,
+            loss_scale: 65536.0,
+            loss_scale_growth_interval: 2000,
             lr: 1e-3,
             min_lr: None,
             warmup_steps: 100,
@@ -148,6 +160,21 @@ impl TrainConfig {
         if self.zero > 1 {
             return bad("--zero must be 0 or 1 (ZeRO-2 and 3 are not implemented)");
         }
+        if !(self.loss_scale.is_finite() && self.loss_scale > 0.0) || self.loss_scale_growth_interval == 0 {
+            return bad("--loss-scale must be a positive number and its growth interval at least 1");
+        }
+        if self.stochastic_rounding && self.precision != Precision::Bf16 {
+            return bad("--stochastic-rounding applies to --precision bf16 only");
+        }
+        if self.stochastic_rounding && self.dp > 1 {
+            // The rounding key lives in the kernels the ranks share; ranks are not in lockstep.
+            return bad("--stochastic-rounding with --dp > 1 is not implemented yet");
+        }
+        if self.precision == Precision::Fp16 && self.dp > 1 {
+            return bad(
+                "--precision fp16 with --dp > 1 is not implemented yet (loss scaling is single-rank); use bf16",
+            );
+        }
         if self.comm_timeout_s == 0 {
             return bad("--comm-timeout must be at least 1 second");
         }
@@ -173,5 +200,9 @@ mod tests {
         assert!(TrainConfig { zero: 2, dp: 2, ..Default::default() }.validate().is_err());
         // Configs saved before data parallelism existed still load, as dp = 1.
         assert_eq!(TrainConfig::from_toml("steps = 3").unwrap().dp, 1);
+        let c = TrainConfig::from_toml("precision = \"bf16\"\nstochastic_rounding = true").unwrap();
+        assert_eq!((c.precision, c.stochastic_rounding), (Precision::Bf16, true));
+        assert!(TrainConfig::from_toml("precision = \"int8\"").is_err());
+        assert!(TrainConfig { stochastic_rounding: true, ..Default::default() }.validate().is_err());
     }
 }

@@ -1,18 +1,21 @@
 //! kiln-train: the training loop around a model: AdamW with warmup and cosine decay,
 //! global-norm clipping, gradient accumulation, periodic evaluation and samples, and
-//! checkpoints that resume bit-identically; data parallelism and ZeRO-1 over `kiln-comm`.
+//! checkpoints that resume bit-identically; bf16/fp16 mixed precision with dynamic loss
+//! scaling; data parallelism and ZeRO-1 over `kiln-comm`.
 
 pub mod bench;
 mod checkpoint;
 mod config;
 mod optim;
 mod parallel;
+mod precision;
 mod trainer;
 
 pub use checkpoint::{load_checkpoint, resolve_checkpoint_dir, save_checkpoint, Checkpoint, TrainingState};
 pub use config::TrainConfig;
 pub use optim::{lr_at, AdamW};
 pub use parallel::{bench_data_parallel, DpBench};
+pub use precision::{kernels_for, LossScaler, Precision};
 pub use trainer::{evaluate, Event, StepMetrics, Trainer};
 
 #[derive(Debug, thiserror::Error)]

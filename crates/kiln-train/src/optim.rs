@@ -46,7 +46,23 @@ impl AdamW {
     /// before clipping.
     pub fn step(&mut self, model: &mut dyn TrainableLm, k: &dyn Kernels, lr: f32, cfg: &TrainConfig) -> f32 {
         let norm = Self::grad_norm(model, k);
-        let grad_scale = clip_scale(cfg, norm);
+        self.apply(model, k, lr, cfg, norm, 1.0);
+        norm
+    }
+
+    /// The AdamW step on gradients that are `1 / inv_scale` times their true value (fp16 loss
+    /// scaling multiplied them up) and whose true global norm is `norm`: unscaling and clipping
+    /// fold into one factor, as GradScaler's `unscale_` then `clip_grad_norm_` would give.
+    pub fn apply(
+        &mut self,
+        model: &mut dyn TrainableLm,
+        k: &dyn Kernels,
+        lr: f32,
+        cfg: &TrainConfig,
+        norm: f32,
+        inv_scale: f32,
+    ) {
+        let grad_scale = clip_scale(cfg, norm) * inv_scale;
         self.t += 1;
         let info = model.param_info().to_vec();
         let (params, grads) = model.params_and_grads();
@@ -54,7 +70,6 @@ impl AdamW {
             let s = step_params(cfg, lr, info[i].decay, self.t, grad_scale);
             k.adamw_update(p, &grads[i], &mut self.m[i], &mut self.v[i], &s);
         }
-        norm
     }
 
     /// Bytes held by the moments.

@@ -7,6 +7,9 @@
 //! (`TrainableLm::backward` runs the whole model in one call, so there is no per-layer hook to start
 //! a bucket early: the all-reduce does not overlap backward).
 //!
+//! The ranks are threads of this process ([`run_data_parallel`]) or processes of an MPI job, one
+//! rank each ([`run_as_rank`]); both run the same steps over the `Comm` trait.
+//!
 //! ZeRO-1 shards the AdamW moments: each bucket is reduce-scattered, each rank updates the
 //! parameters of its shard with its moments, and the updated shards are all-gathered. For a
 //! checkpoint the moments are all-gathered back into one unsharded `AdamW`, so the file does
@@ -408,6 +411,56 @@ pub(crate) fn run_data_parallel(
             .collect();
         first_cause(r0, others)
     })
+}
+
+/// `Trainer::run_until` with this process as one rank of `comm`, a group that spans processes
+/// (an MPI world started by `mpirun`): every process builds the same trainer, rank 0 logs,
+/// evaluates and checkpoints through `on_event`, the others train in lockstep and do no I/O.
+/// The steps are the thread engine's, so the losses are too, bit for bit.
+pub(crate) fn run_as_rank(
+    tr: &mut Trainer,
+    comm: Box<dyn Comm>,
+    stop: u64,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(), TrainError> {
+    let cfg = tr.cfg.clone();
+    if comm.size() != cfg.dp {
+        return Err(TrainError::Config(format!(
+            "--dp {} but {} process(es) were started: launch one per rank, e.g. `mpirun -np {} kiln train --comm mpi --dp {} ...`",
+            cfg.dp,
+            comm.size(),
+            cfg.dp,
+            cfg.dp
+        )));
+    }
+    let stop = stop.min(cfg.steps);
+    let zero = cfg.zero == 1;
+    let rank = DpRank::new(comm, rayon::current_num_threads(), tr.model.as_ref(), &tr.opt, zero, &cfg)?;
+    if rank.comm.rank() != 0 {
+        let worker = Worker {
+            model: replica(tr.model.as_ref())?,
+            opt: if zero { AdamW { m: Vec::new(), v: Vec::new(), t: tr.opt.t } } else { tr.opt.clone() },
+            sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
+            data: tr.data.clone(),
+            kernels: tr.kernels.clone(),
+            cfg,
+            start: tr.step,
+            stop,
+            rank,
+        };
+        return worker.run();
+    }
+    if zero {
+        tr.opt.m = Vec::new();
+        tr.opt.v = Vec::new();
+    }
+    tr.dp = Some(rank);
+    let mut r = tr.run_loop(stop, on_event);
+    if r.is_ok() {
+        r = tr.finish_data_parallel();
+    }
+    tr.dp = None;
+    r
 }
 
 /// The error that explains a failed run: a rank's own failure rather than the "peer failed"

@@ -12,8 +12,11 @@ use kiln_tensor::Kernels;
 use rand::SeedableRng;
 use serde::Serialize;
 
-use crate::parallel::{run_data_parallel, DpRank};
-use crate::{lr_at, save_checkpoint, AdamW, Checkpoint, TrainConfig, TrainError, TrainingState};
+use crate::parallel::{run_as_rank, run_data_parallel, DpRank};
+use crate::{
+    kernels_for, lr_at, save_checkpoint, AdamW, Checkpoint, LossScaler, Precision, TrainConfig, TrainError,
+    TrainingState,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct StepMetrics {
@@ -25,6 +28,19 @@ pub struct StepMetrics {
     pub step_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f32>,
+    /// fp16: the loss scale this step ran with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f32>,
+    /// fp16: the gradients overflowed, so the update was skipped (and the scale halved).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+/// What one optimizer step did.
+struct StepOutcome {
+    loss: f32,
+    grad_norm: f32,
+    skipped: bool,
 }
 
 pub enum Event<'a> {
@@ -60,6 +76,8 @@ pub struct Trainer {
     pub(crate) kernels: Arc<dyn Kernels>,
     /// Rank 0's side of a data-parallel run, while one is in progress.
     pub(crate) dp: Option<DpRank>,
+    /// fp16's dynamic loss scaling (None in fp32 and bf16).
+    pub scaler: Option<LossScaler>,
 }
 
 /// Whether a checkpoint is written after step `step` of a run that stops at `stop`; every
@@ -87,17 +105,10 @@ impl Trainer {
         let model = Self::new_model(&cfg, tokenizer.vocab_size())?;
         let opt = AdamW::new(model.as_ref());
         let sampler = BatchSampler::new(cfg.seed, cfg.batch, cfg.seq);
-        let t = Trainer {
-            cfg,
-            model,
-            opt,
-            tokenizer,
-            step: 0,
-            data: Arc::new(data),
-            sampler,
-            kernels: Arc::from(kernels),
-            dp: None,
-        };
+        let kernels = Arc::from(kernels_for(cfg.precision, cfg.stochastic_rounding, kernels));
+        let scaler = Self::new_scaler(&cfg);
+        let t =
+            Trainer { cfg, model, opt, tokenizer, step: 0, data: Arc::new(data), sampler, kernels, dp: None, scaler };
         t.check_fit()?;
         Ok(t)
     }
@@ -118,6 +129,12 @@ impl Trainer {
         let tokenizer =
             ck.tokenizer.ok_or_else(|| TrainError::Config("the checkpoint has no tokenizer.json".into()))?;
         let sampler = BatchSampler::from_state(state.sampler, cfg.batch, cfg.seq);
+        let kernels = Arc::from(kernels_for(cfg.precision, cfg.stochastic_rounding, kernels));
+        // An fp16 run goes on with the scale it had; one switching to fp16 starts afresh.
+        let scaler = match (Self::new_scaler(&cfg), state.loss_scaler) {
+            (Some(_), Some(saved)) => Some(saved),
+            (fresh, _) => fresh,
+        };
         let t = Trainer {
             cfg,
             model: ck.model,
@@ -126,11 +143,16 @@ impl Trainer {
             step: state.step,
             data: Arc::new(data),
             sampler,
-            kernels: Arc::from(kernels),
+            kernels,
             dp: None,
+            scaler,
         };
         t.check_fit()?;
         Ok(t)
+    }
+
+    fn new_scaler(cfg: &TrainConfig) -> Option<LossScaler> {
+        (cfg.precision == Precision::Fp16).then(|| LossScaler::new(cfg.loss_scale, cfg.loss_scale_growth_interval))
     }
 
     /// Errors that are cheaper to report before the first step than after an hour.
@@ -164,7 +186,12 @@ impl Trainer {
     }
 
     fn state(&self) -> TrainingState {
-        TrainingState { step: self.step, sampler: self.sampler.state(), config: self.cfg.clone() }
+        TrainingState {
+            step: self.step,
+            sampler: self.sampler.state(),
+            config: self.cfg.clone(),
+            loss_scaler: self.scaler.clone(),
+        }
     }
 
     pub(crate) fn sampler_state(&self) -> SamplerState {
@@ -205,27 +232,40 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimizer step over `grad_accum` micro-batches: (mean loss, gradient norm).
-    fn train_step(&mut self, lr: f32) -> Result<(f32, f32), TrainError> {
+    /// One optimizer step over `grad_accum` micro-batches.
+    fn train_step(&mut self, lr: f32) -> Result<StepOutcome, TrainError> {
         let cfg = &self.cfg;
+        self.kernels.begin_step(self.opt.t);
         if let Some(rank) = self.dp.as_mut() {
             let (data, sampler) = (&self.data, &mut self.sampler);
             let mut next =
                 |x: &mut [u32], y: &mut [u32]| sampler.next_batch(&data.train, x, y).map_err(TrainError::from);
-            return rank.step(self.model.as_mut(), &mut self.opt, self.kernels.as_ref(), cfg, lr, &mut next);
+            let (loss, grad_norm) =
+                rank.step(self.model.as_mut(), &mut self.opt, self.kernels.as_ref(), cfg, lr, &mut next)?;
+            return Ok(StepOutcome { loss, grad_norm, skipped: false });
         }
         let (b, t) = (cfg.batch, cfg.seq);
         let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+        // fp16: backward runs on the loss times the scale, so gradients come out scaled too.
+        let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
         self.model.zero_grad();
         let mut loss = 0.0f64;
         for _ in 0..cfg.grad_accum {
             self.sampler.next_batch(&self.data.train, &mut x, &mut y)?;
             let l = self.model.forward(self.kernels.as_ref(), &x, Some(&y), b, t)?.expect("targets given");
-            self.model.backward(self.kernels.as_ref(), 1.0 / cfg.grad_accum as f32)?;
+            self.model.backward(self.kernels.as_ref(), loss_scale / cfg.grad_accum as f32)?;
             loss += l as f64 / cfg.grad_accum as f64;
         }
-        let grad_norm = self.opt.step(self.model.as_mut(), self.kernels.as_ref(), lr, cfg);
-        Ok((loss as f32, grad_norm))
+        let k = self.kernels.as_ref();
+        let grad_norm = AdamW::grad_norm(self.model.as_ref(), k) / loss_scale;
+        let apply = match self.scaler.as_mut() {
+            Some(s) => s.update(grad_norm.is_finite()),
+            None => true,
+        };
+        if apply {
+            self.opt.apply(self.model.as_mut(), k, lr, cfg, grad_norm, 1.0 / loss_scale);
+        }
+        Ok(StepOutcome { loss: loss as f32, grad_norm, skipped: !apply })
     }
 
     /// A few lines of text from the model, seeded by the step so they never disturb training.
@@ -264,6 +304,18 @@ impl Trainer {
         self.run_loop(stop, on_event)
     }
 
+    /// `run_until` as one rank of a multi-process group (MPI): this process trains rank
+    /// `comm.rank()`'s share of every batch; only rank 0 reports events and writes files.
+    pub fn run_as_rank(
+        &mut self,
+        comm: Box<dyn kiln_comm::Comm>,
+        stop: u64,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), TrainError> {
+        self.cfg.validate()?;
+        run_as_rank(self, comm, stop, on_event)
+    }
+
     /// The loop of rank 0 (or of the only rank): steps, metrics, evaluation, checkpoints.
     pub(crate) fn run_loop(&mut self, stop: u64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let stop = stop.min(self.cfg.steps);
@@ -285,7 +337,8 @@ impl Trainer {
         while self.step < stop {
             let start = Instant::now();
             let lr = lr_at(self.step, &cfg);
-            let (loss, grad_norm) = self.train_step(lr)?;
+            let loss_scale = self.scaler.as_ref().map(|s| s.scale);
+            let StepOutcome { loss, grad_norm, skipped } = self.train_step(lr)?;
             self.step += 1;
             let secs = start.elapsed().as_secs_f64();
             if !loss.is_finite() {
@@ -299,6 +352,8 @@ impl Trainer {
                 grad_norm,
                 step_ms: secs * 1e3,
                 val_loss: None,
+                loss_scale,
+                skipped,
             };
             let mut samples = Vec::new();
             if !val.is_empty() && (self.step.is_multiple_of(cfg.eval_every) || self.step == cfg.steps) {

@@ -241,6 +241,40 @@ unsafe fn tile_dp(out: SendPtr, inp: &[u16], weight: &[u16], t: Tile, a: &mut [u
     unsafe { tile_body::<Dp>(out, inp, weight, t, a, w) }
 }
 
+/// `vdpbf16ps` chains for the peak probe: 12 independent accumulators cover its latency.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn dpbf16_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let x = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(0x3f80)); // bf16 1.0
+    let y = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(0x3380)); // bf16 ~6e-8
+    let mut acc = [_mm512_setzero_ps(); 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_dpbf16_ps(*a, x, y);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for a in acc {
+        s = _mm512_add_ps(s, a);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+/// FLOPs one thread does in `iters` iterations of [`dpbf16_loop`], and the result (kept so the
+/// loop is not optimised away); None where the CPU has no AVX512-BF16.
+pub(crate) fn dpbf16_probe(iters: usize) -> Option<(f64, f32)> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512bf16() {
+        // SAFETY: the CPU has AVX512-BF16 (checked at run time just above).
+        let sink = unsafe { dpbf16_loop(iters) };
+        // Each vdpbf16ps: 16 lanes × 2 products × (multiply + add).
+        return Some(((iters * 12 * 16 * 4) as f64, sink));
+    }
+    let _ = iters;
+    None
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_bf16_with(
     path: Path,
@@ -290,6 +324,12 @@ pub(crate) fn matmul_bf16_with(
         #[cfg(not(target_arch = "x86_64"))]
         Path::Dpbf16 => unreachable!("Dpbf16 is only detected on x86_64"),
     }
+}
+
+/// Whether [`matmul_bf16`] runs on bf16 dot-product hardware (`vdpbf16ps`) here; without it
+/// the kernel widens to f32, and an f32 GEMM on bf16-rounded values is as exact and faster.
+pub fn has_native_bf16_dot() -> bool {
+    Path::detect() == Path::Dpbf16
 }
 
 /// `out[m, n] = inp[m, k] · weight[n, k]ᵀ + bias` (weight in PyTorch `Linear` layout), bf16

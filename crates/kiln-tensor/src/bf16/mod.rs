@@ -6,7 +6,8 @@
 
 mod gemm;
 
-pub use gemm::matmul_bf16;
+pub(crate) use gemm::dpbf16_probe;
+pub use gemm::{has_native_bf16_dot, matmul_bf16};
 
 use half::bf16;
 use rayon::prelude::*;

@@ -18,12 +18,14 @@ mod encoder;
 mod gelu;
 mod layernorm;
 mod matmul;
+mod mixed;
 mod residual;
 mod rmsnorm;
 mod rope;
 mod swiglu;
 
 pub use adamw::AdamWStep;
+pub use mixed::{round_to_bf16_in_place, round_to_f16_in_place, LowPrecision, MixedPrecisionKernels};
 
 use crate::simd::Isa;
 
@@ -47,6 +49,10 @@ impl SendPtr {
 
 pub trait Kernels: Send + Sync {
     fn name(&self) -> String;
+
+    /// The optimizer is about to start step `step` (its weights changed): backends that round
+    /// weights stochastically key the rounding on it. Plain f32 backends ignore it.
+    fn begin_step(&self, _step: u64) {}
 
     /// `out[b,t,:] = wte[tokens[b,t]] + wpe[t]`; tokens `[b, t]`, out `[b, t, c]`.
     fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize);

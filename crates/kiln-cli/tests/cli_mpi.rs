@@ -1,0 +1,88 @@
+//! `kiln train --comm mpi` under `mpirun`: two processes train the same steps as two threads,
+//! bit for bit (plain data parallel and ZeRO-1), and the MPI run's checkpoint resumes on one
+//! rank. Needs a kiln built with `--features mpi` and Open MPI's `mpirun` on PATH; without
+//! mpirun the test says so and passes.
+#![cfg(feature = "mpi")]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn kiln(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+}
+
+fn ok(out: Output) -> Output {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}:\n{err}", out.status.code());
+    out
+}
+
+fn mpirun(np: usize, args: &[String]) -> Output {
+    Command::new("mpirun")
+        .args(["-np", &np.to_string(), "--oversubscribe", "--allow-run-as-root", "--mca", "btl", "self,vader"])
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun starts")
+}
+
+/// (step, loss bits) of every metrics line.
+fn losses(run: &Path) -> Vec<(u64, u32)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), (v["loss"].as_f64().unwrap() as f32).to_bits())
+        })
+        .collect()
+}
+
+#[test]
+fn mpi_ranks_train_exactly_as_thread_ranks() {
+    if Command::new("mpirun").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        eprintln!("SKIPPED: mpirun is not on PATH (apt-get install openmpi-bin libopenmpi-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (corpus, tok, data) = (root.join("corpus.txt"), root.join("tok.json"), root.join("data"));
+    ok(kiln(&v(&["data", "synth", "--out", s(&corpus), "--bytes", "200000"])));
+    ok(kiln(&v(&["tokenizer", "train", "--input", s(&corpus), "--vocab-size", "300", "--out", s(&tok)])));
+    ok(kiln(&v(&["data", "prepare", "--input", s(&corpus), "--tokenizer", s(&tok), "--out", s(&data)])));
+    let train = |out: &Path, extra: &[&str]| {
+        let mut a = v(&["train", "--data", s(&data), "--preset", "gpt-tiny", "--steps", "6", "--batch", "4"]);
+        a.extend(v(&["--seq", "16", "--eval-every", "3", "--sample-tokens", "0", "--threads", "1", "--out", s(out)]));
+        a.extend(v(extra));
+        a
+    };
+    for zero in ["0", "1"] {
+        let (threads, mpi) = (root.join(format!("threads-z{zero}")), root.join(format!("mpi-z{zero}")));
+        ok(kiln(&train(&threads, &["--dp", "2", "--zero", zero])));
+        let out = ok(mpirun(2, &train(&mpi, &["--dp", "2", "--zero", zero, "--comm", "mpi"])));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("data parallel 2 ranks (mpi)"), "rank 0 should say how it runs:\n{err}");
+        let want = losses(&threads);
+        assert_eq!(want.len(), 6);
+        assert_eq!(losses(&mpi), want, "ZeRO-{zero}: MPI ranks diverged from thread ranks");
+    }
+    // The MPI run's checkpoint is plan-independent: it resumes on one rank of this process.
+    let mpi = root.join("mpi-z0");
+    let mut a = v(&["train", "--resume", s(&mpi), "--steps", "8", "--dp", "1", "--comm", "threads"]);
+    a.extend(v(&["--threads", "1"]));
+    ok(kiln(&a));
+    assert_eq!(losses(&mpi).len(), 8);
+
+    // More processes than --dp: a clear error, not a hang.
+    let out = mpirun(2, &train(&root.join("bad"), &["--dp", "4", "--comm", "mpi"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dp 4 but 2 process(es) were started"), "{err}");
+}
