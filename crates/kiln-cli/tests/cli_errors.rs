@@ -199,9 +199,9 @@ fn nonsensical_flags() {
         "--stochastic-rounding applies to --precision bf16 only",
     );
     assert_fails(
-        &run_train(f, &f.root.join("run-f16dp"), &["--precision", "fp16", "--dp", "2"]),
+        &run_train(f, &f.root.join("run-srdp"), &["--precision", "bf16", "--stochastic-rounding", "--dp", "2"]),
         2,
-        "fp16 with --dp > 1 is not implemented",
+        "--stochastic-rounding with --dp > 1 is not implemented",
     );
     assert_fails(&kiln(&["bench", "train", "--precision", "fp8"]), 2, "use fp32, bf16 or fp16");
     if !cfg!(feature = "mpi") {

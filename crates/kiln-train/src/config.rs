@@ -170,11 +170,6 @@ impl TrainConfig {
             // The rounding key lives in the kernels the ranks share; ranks are not in lockstep.
             return bad("--stochastic-rounding with --dp > 1 is not implemented yet");
         }
-        if self.precision == Precision::Fp16 && self.dp > 1 {
-            return bad(
-                "--precision fp16 with --dp > 1 is not implemented yet (loss scaling is single-rank); use bf16",
-            );
-        }
         if self.comm_timeout_s == 0 {
             return bad("--comm-timeout must be at least 1 second");
         }

@@ -1,8 +1,10 @@
 //! Data parallelism (and ZeRO-1) over a `kiln_comm::Comm`.
 //!
 //! Every rank holds a full replica of the model and draws the same global micro-batch the
-//! single-rank sampler would draw, keeping only its rows; the gradients are then averaged over
-//! the ranks, so a step computes the same mean-loss gradient as one rank on the whole batch.
+//! single-rank sampler would draw, keeping only its rows; its loss gradient is divided by the
+//! rank count before backward and the gradients are summed over the ranks, so a step computes
+//! the same mean-loss gradient as one rank on the whole batch (and each rank's activation
+//! gradients equal the single rank's on those rows, which keeps fp16 overflows where they were).
 //! The gradients travel in buckets of the flattened parameters after the last micro-batch
 //! (`TrainableLm::backward` runs the whole model in one call, so there is no per-layer hook to start
 //! a bucket early: the all-reduce does not overlap backward).
@@ -26,7 +28,7 @@ use kiln_tensor::Kernels;
 
 use crate::optim::{clip_scale, step_params};
 use crate::trainer::checkpoint_due;
-use crate::{lr_at, AdamW, Event, TrainConfig, TrainError, Trainer};
+use crate::{lr_at, AdamW, Event, LossScaler, TrainConfig, TrainError, Trainer};
 
 /// Floats per gradient bucket (4 MB): enough to amortise a collective's barriers, small enough
 /// that the staging buffer stays small.
@@ -167,7 +169,10 @@ impl DpRank {
 
     /// One optimizer step on this rank's share of `cfg.grad_accum` global micro-batches, drawn
     /// by `next_batch` (which fills the whole `[batch, seq]` micro-batch). Returns the global
-    /// mean loss and the global gradient norm before clipping, the same on every rank.
+    /// mean loss, the global gradient norm before clipping, and whether fp16 loss scaling
+    /// skipped the update: the same on every rank, since every rank decides on the all-reduced
+    /// norm and keeps an identical copy of the scaler.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         model: &mut dyn TrainableLm,
@@ -176,7 +181,9 @@ impl DpRank {
         cfg: &TrainConfig,
         lr: f32,
         next_batch: &mut NextBatch,
-    ) -> Result<(f32, f32), TrainError> {
+        scaler: Option<&mut LossScaler>,
+    ) -> Result<(f32, f32, bool), TrainError> {
+        let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
         let (d, r) = (self.comm.size(), self.comm.rank());
         let (bl, t) = (cfg.batch / d, cfg.seq);
         let rows = r * bl * t..(r + 1) * bl * t;
@@ -187,7 +194,10 @@ impl DpRank {
             let (x, y) = (&self.x[rows.clone()], &self.y[rows.clone()]);
             let l = self.pool.install(|| -> Result<f32, TrainError> {
                 let l = model.forward(k, x, Some(y), bl, t)?.expect("targets given");
-                model.backward(k, 1.0 / cfg.grad_accum as f32)?;
+                // Pre-divided by the rank count and then summed (not averaged) over ranks: each
+                // rank's loss gradient then equals the single rank's on the same rows, so fp16
+                // overflows (row-local) happen exactly where one rank's would.
+                model.backward(k, loss_scale / (cfg.grad_accum * d) as f32)?;
                 Ok(l)
             })?;
             loss += l as f64 / cfg.grad_accum as f64;
@@ -196,18 +206,26 @@ impl DpRank {
             self.timed(|s| s.all_reduce_grads(model))?;
             let mut l = [loss];
             self.timed(|s| s.comm.all_reduce_f64(&mut l, ReduceOp::Sum))?;
-            let norm = self.pool.install(|| opt.step(model, k, lr, cfg));
-            return Ok(((l[0] / d as f64) as f32, norm));
+            let m = &mut *model; // moved in: a `&mut` is Send where a shared `&dyn TrainableLm` is not
+            let norm = self.pool.install(move || AdamW::grad_norm(m, k)) / loss_scale;
+            let apply = scaler.is_none_or(|s| s.update(norm.is_finite()));
+            if apply {
+                self.pool.install(|| opt.apply(model, k, lr, cfg, norm, 1.0 / loss_scale));
+            }
+            return Ok(((l[0] / d as f64) as f32, norm, !apply));
         }
         self.timed(|s| s.reduce_scatter_grads(model))?;
         let z = self.zero.as_mut().expect("zero");
         let mut sums = [loss, self.pool.install(|| k.sum_of_squares(&z.g))];
         self.timed(|s| s.comm.all_reduce_f64(&mut sums, ReduceOp::Sum))?;
-        let norm = sums[1].sqrt() as f32;
-        self.update_shard(model, k, cfg, lr, norm);
-        opt.t = self.zero.as_ref().expect("zero").t;
-        self.timed(|s| s.all_gather_params(model))?;
-        Ok(((sums[0] / d as f64) as f32, norm))
+        let norm = sums[1].sqrt() as f32 / loss_scale;
+        let apply = scaler.is_none_or(|s| s.update(norm.is_finite()));
+        if apply {
+            self.update_shard(model, k, cfg, lr, norm, 1.0 / loss_scale);
+            opt.t = self.zero.as_ref().expect("zero").t;
+            self.timed(|s| s.all_gather_params(model))?;
+        }
+        Ok(((sums[0] / d as f64) as f32, norm, !apply))
     }
 
     fn all_reduce_grads(&mut self, model: &mut dyn TrainableLm) -> Result<(), TrainError> {
@@ -217,7 +235,7 @@ impl DpRank {
         for b in self.layout.buckets.clone() {
             let buf = &mut self.staging[..b.len()];
             self.layout.pack(b.clone(), model.grads(), buf);
-            self.comm.all_reduce(buf, ReduceOp::Mean)?;
+            self.comm.all_reduce(buf, ReduceOp::Sum)?;
             self.layout.unpack(b, buf, model.grads_mut());
         }
         Ok(())
@@ -229,17 +247,26 @@ impl DpRank {
         for (b, fr) in self.layout.buckets.iter().zip(&self.mine) {
             let buf = &mut self.staging[..b.len()];
             self.layout.pack(b.clone(), model.grads(), buf);
-            self.comm.reduce_scatter(buf, &mut z.g[off..off + fr.len()], ReduceOp::Mean)?;
+            self.comm.reduce_scatter(buf, &mut z.g[off..off + fr.len()], ReduceOp::Sum)?;
             off += fr.len();
         }
         Ok(())
     }
 
     /// AdamW on this rank's shard, tensor piece by tensor piece (weight decay is per tensor).
-    fn update_shard(&mut self, model: &mut dyn TrainableLm, k: &dyn Kernels, cfg: &TrainConfig, lr: f32, norm: f32) {
+    /// `inv_scale` undoes fp16 loss scaling, as in [`AdamW::apply`].
+    fn update_shard(
+        &mut self,
+        model: &mut dyn TrainableLm,
+        k: &dyn Kernels,
+        cfg: &TrainConfig,
+        lr: f32,
+        norm: f32,
+        inv_scale: f32,
+    ) {
         let z = self.zero.as_mut().expect("zero");
         z.t += 1;
-        let scale = clip_scale(cfg, norm);
+        let scale = clip_scale(cfg, norm) * inv_scale;
         let (layout, mine) = (&self.layout, &self.mine);
         self.pool.install(|| {
             let mut off = 0;
@@ -321,6 +348,8 @@ struct Worker {
     sampler: BatchSampler,
     data: Arc<Dataset>,
     kernels: Arc<dyn Kernels>,
+    /// fp16: this rank's copy of the loss scaler, updated exactly as rank 0's.
+    scaler: Option<LossScaler>,
     cfg: TrainConfig,
     start: u64,
     stop: u64,
@@ -340,6 +369,7 @@ impl Worker {
                 cfg,
                 lr_at(step, cfg),
                 &mut next,
+                self.scaler.as_mut(),
             )?;
             // Rank 0 gathers the moments to checkpoint them: take part.
             if checkpoint_due(step + 1, self.stop, cfg) {
@@ -376,6 +406,7 @@ pub(crate) fn run_data_parallel(
             sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
             data: tr.data.clone(),
             kernels: tr.kernels.clone(),
+            scaler: tr.scaler.clone(),
             cfg: cfg.clone(),
             start: tr.step,
             stop,
@@ -443,6 +474,7 @@ pub(crate) fn run_as_rank(
             sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
             data: tr.data.clone(),
             kernels: tr.kernels.clone(),
+            scaler: tr.scaler.clone(),
             cfg,
             start: tr.step,
             stop,
@@ -532,7 +564,7 @@ pub fn bench_data_parallel(
         for i in 0..warmup + steps {
             rank.comm.barrier()?;
             let (t0, c0) = (Instant::now(), rank.comm_secs);
-            rank.step(model.as_mut(), &mut opt, k, &cfg, 1e-4, &mut next)?;
+            rank.step(model.as_mut(), &mut opt, k, &cfg, 1e-4, &mut next, None)?;
             let mut dt = [t0.elapsed().as_secs_f64(), rank.comm_secs - c0];
             rank.comm.all_reduce_f64(&mut dt, ReduceOp::Max)?;
             if i >= warmup {

@@ -240,9 +240,10 @@ impl Trainer {
             let (data, sampler) = (&self.data, &mut self.sampler);
             let mut next =
                 |x: &mut [u32], y: &mut [u32]| sampler.next_batch(&data.train, x, y).map_err(TrainError::from);
-            let (loss, grad_norm) =
-                rank.step(self.model.as_mut(), &mut self.opt, self.kernels.as_ref(), cfg, lr, &mut next)?;
-            return Ok(StepOutcome { loss, grad_norm, skipped: false });
+            let scaler = self.scaler.as_mut();
+            let (loss, grad_norm, skipped) =
+                rank.step(self.model.as_mut(), &mut self.opt, self.kernels.as_ref(), cfg, lr, &mut next, scaler)?;
+            return Ok(StepOutcome { loss, grad_norm, skipped });
         }
         let (b, t) = (cfg.batch, cfg.seq);
         let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);

@@ -125,6 +125,39 @@ fn bf16_data_parallel_matches_the_single_rank_run() {
     assert_within("bf16 dp=2 ZeRO-1", &run(&bf16("zero", 2, 1), &tok, &data), &single, 2e-4);
 }
 
+/// fp16 loss scaling under data parallelism: an initial scale of 2^24 overflows. Each rank's
+/// loss gradient is pre-divided by the rank count, so its rows overflow exactly where one
+/// rank's would; every rank decides on the same all-reduced norm, so all skip the same steps
+/// as the single rank, and the losses match within the bf16 test's bound.
+#[test]
+fn fp16_loss_scaling_under_data_parallel_skips_like_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let fp16 = |name: &str, dp, zero| TrainConfig {
+        precision: kiln_train::Precision::Fp16,
+        loss_scale: 2f32.powi(24),
+        dp,
+        zero,
+        ..base_cfg(tmp.path(), name)
+    };
+    let skipped = |cfg: &TrainConfig| -> Vec<bool> {
+        std::fs::read_to_string(cfg.metrics_path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["skipped"].as_bool().unwrap_or(false))
+            .collect()
+    };
+    let one = fp16("single", 1, 0);
+    let single = run(&one, &tok, &data);
+    let want = skipped(&one);
+    assert!(want[0] && want.iter().any(|s| !s), "2^24 should overflow first, then fit: {want:?}");
+    for (name, zero) in [("dp2", 0), ("zero", 1)] {
+        let cfg = fp16(name, 2, zero);
+        assert_within(&format!("fp16 {name}"), &run(&cfg, &tok, &data), &single, 2e-4);
+        assert_eq!(skipped(&cfg), want, "fp16 {name}: skipped steps differ from one rank's");
+    }
+}
+
 /// The same plans train a Llama (RMSNorm, RoPE, SwiGLU, grouped-query attention).
 #[test]
 fn data_parallel_and_zero1_train_llama_like_one_rank() {
