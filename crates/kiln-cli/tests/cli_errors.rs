@@ -198,11 +198,6 @@ fn nonsensical_flags() {
         2,
         "--stochastic-rounding applies to --precision bf16 only",
     );
-    assert_fails(
-        &run_train(f, &f.root.join("run-srdp"), &["--precision", "bf16", "--stochastic-rounding", "--dp", "2"]),
-        2,
-        "--stochastic-rounding with --dp > 1 is not implemented",
-    );
     assert_fails(&kiln(&["bench", "train", "--precision", "fp8"]), 2, "use fp32, bf16 or fp16");
     if !cfg!(feature = "mpi") {
         assert_fails(&kiln(&["train", "--comm", "mpi", "--data", "x"]), 2, "built without MPI");

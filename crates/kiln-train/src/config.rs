@@ -166,10 +166,6 @@ impl TrainConfig {
         if self.stochastic_rounding && self.precision != Precision::Bf16 {
             return bad("--stochastic-rounding applies to --precision bf16 only");
         }
-        if self.stochastic_rounding && self.dp > 1 {
-            // The rounding key lives in the kernels the ranks share; ranks are not in lockstep.
-            return bad("--stochastic-rounding with --dp > 1 is not implemented yet");
-        }
         if self.comm_timeout_s == 0 {
             return bad("--comm-timeout must be at least 1 second");
         }

@@ -235,7 +235,6 @@ impl Trainer {
     /// One optimizer step over `grad_accum` micro-batches.
     fn train_step(&mut self, lr: f32) -> Result<StepOutcome, TrainError> {
         let cfg = &self.cfg;
-        self.kernels.begin_step(self.opt.t);
         if let Some(rank) = self.dp.as_mut() {
             let (data, sampler) = (&self.data, &mut self.sampler);
             let mut next =

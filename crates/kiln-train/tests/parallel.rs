@@ -123,6 +123,10 @@ fn bf16_data_parallel_matches_the_single_rank_run() {
     assert!(single[9].1 < single[0].1, "loss did not fall: {single:?}");
     assert_within("bf16 dp=2", &run(&bf16("dp2", 2, 0), &tok, &data), &single, 2e-4);
     assert_within("bf16 dp=2 ZeRO-1", &run(&bf16("zero", 2, 1), &tok, &data), &single, 2e-4);
+    // Stochastic rounding keys on the weights, which the replicas hold bit-identically.
+    let sr = |name: &str, dp| TrainConfig { stochastic_rounding: true, ..bf16(name, dp, 0) };
+    let single_sr = run(&sr("single-sr", 1), &tok, &data);
+    assert_within("bf16 stochastic dp=2", &run(&sr("dp2-sr", 2), &tok, &data), &single_sr, 2e-4);
 }
 
 /// fp16 loss scaling under data parallelism: an initial scale of 2^24 overflows. Each rank's

@@ -50,10 +50,6 @@ impl SendPtr {
 pub trait Kernels: Send + Sync {
     fn name(&self) -> String;
 
-    /// The optimizer is about to start step `step` (its weights changed): backends that round
-    /// weights stochastically key the rounding on it. Plain f32 backends ignore it.
-    fn begin_step(&self, _step: u64) {}
-
     /// `out[b,t,:] = wte[tokens[b,t]] + wpe[t]`; tokens `[b, t]`, out `[b, t, c]`.
     fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize);
     /// `dwte[tok] += dout`, `dwpe[t] += dout` (both accumulate).
