@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("/tmp/kiln_bench_models"))
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--quant", choices=["q8_0", "q4_0"], help="quantized weights on both sides")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds to sleep before each run, so one peer's exit does not disturb the next")
     args = ap.parse_args()
     ty = args.quant or "f32"
     d = prepare(args.preset, [ty], args.work)
@@ -146,6 +148,7 @@ def main():
     rows = {k: [] for k in peers}
     for r in range(args.rounds):
         for name, f in peers.items():
+            time.sleep(args.pause)
             v = f()
             rows[name].append(v)
             print(f"round {r + 1} {name:10s} prefill {v['prefill']:9.1f} tok/s   decode {v['decode']:8.1f} tok/s", flush=True)

@@ -6,8 +6,6 @@
 //! - a uniform sample of up to `cap` input rows (reservoir sampling, Vitter's algorithm R, with
 //!   a seeded SplitMix64), on which AWQ measures the output error of candidate scales.
 
-use rayon::prelude::*;
-
 use crate::{check_finite, check_len, CompressError, Result};
 
 /// Input statistics of one linear layer with `k` input channels.
@@ -23,9 +21,6 @@ pub struct LinearCalib {
     reservoir: Vec<f32>,
     rng: u64,
 }
-
-/// Rows of Σ xᵀx each task sums: fixed, so the order of every sum is.
-const XTX_BLOCK: usize = 64;
 
 impl LinearCalib {
     /// Rows AWQ's search samples by default (its reference uses 512 tokens per layer as well).
@@ -70,35 +65,9 @@ impl LinearCalib {
             return Ok(());
         }
         let xd: Vec<f64> = if self.has_hessian() { x.iter().map(|&v| v as f64).collect() } else { Vec::new() };
-        self.xtx.par_chunks_mut(XTX_BLOCK * k).enumerate().for_each(|(b, dst)| {
-            let i0 = b * XTX_BLOCK;
-            let bi = dst.len() / k;
-            // SAFETY: dst is bi·k; lhs reads xd[r·k + i0 + i] for r < rows, i < bi; rhs reads xd.
-            unsafe {
-                // dst[bi, k] += xd[:, i0..i0+bi]ᵀ · xd: lhs(i, r) = xd[r·k + i0 + i].
-                gemm::gemm(
-                    bi,
-                    k,
-                    rows,
-                    dst.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    true,
-                    xd.as_ptr().add(i0),
-                    k as isize,
-                    1,
-                    xd.as_ptr(),
-                    1,
-                    k as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+        if self.has_hessian() {
+            kiln_tensor::gram::gram_accumulate_f64(&mut self.xtx, &xd, rows, k);
+        }
         for row in x.chunks_exact(k) {
             for ((m, s), &v) in self.absmax.iter_mut().zip(&mut self.abssum).zip(row) {
                 *m = m.max(v.abs());

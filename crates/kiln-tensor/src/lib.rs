@@ -5,6 +5,7 @@
 //! backend (reference, CPU SIMD, later CUDA) does the work.
 
 pub mod bf16;
+pub mod gram;
 pub mod kernels;
 pub mod probe;
 pub mod quant;
