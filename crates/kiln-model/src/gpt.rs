@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::quant::Linears;
+use crate::trainable::GradsReady;
 use crate::{GptConfig, ModelError};
 
 mod kv_cache;
@@ -410,6 +411,18 @@ impl Gpt {
     /// Backward of the mean loss times `loss_scale` (1/K for K accumulated micro-batches);
     /// accumulates into `grads`. Overwrites the logits with their gradient.
     pub fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+        self.backward_with(k, loss_scale, &mut |_, _| {})
+    }
+
+    /// `backward`, reporting each parameter's gradient as final through `ready`: ln_f first,
+    /// then each layer from the last down, then the embeddings (the tied head adds to wte until
+    /// the very end).
+    pub fn backward_with(
+        &mut self,
+        k: &dyn Kernels,
+        loss_scale: f32,
+        ready: &mut GradsReady,
+    ) -> Result<(), ModelError> {
         if self.lin.is_quantized() {
             return Err(ModelError::Quantized);
         }
@@ -438,6 +451,7 @@ impl Gpt {
         let last = a.layers.last().map_or(&a.encoded, |la| &la.res3);
         let (gw, gb) = pair_mut(g, nf);
         k.layernorm_backward(&mut a.dres, gw, gb, &a.dx, last, &p[nf], &a.lnf_mean, &a.lnf_rstd, c);
+        ready(&[nf, nf + 1], g);
 
         for l in (0..cfg.n_layer).rev() {
             let base = 2 + l * PER_LAYER;
@@ -461,9 +475,11 @@ impl Gpt {
             k.matmul_backward(&mut a.dx, gw, Some(gb), &a.dqkv, &la.ln1, w(QKV_W), c, 3 * c);
             let (gw, gb) = pair_mut(g, base + LN1_W);
             k.layernorm_backward(&mut a.dres, gw, gb, &a.dx, res_in, w(LN1_W), &la.ln1_mean, &la.ln1_rstd, c);
+            ready(&(base..base + PER_LAYER).collect::<Vec<_>>(), g);
         }
         let (gwte, gwpe) = pair_mut(g, WTE);
         k.encoder_backward(gwte, gwpe, &a.dres, &a.tokens, t, c);
+        ready(&[WTE, WTE + 1], g);
         a.targets = None; // the logits are gradients now: a second backward would be wrong
         Ok(())
     }

@@ -23,7 +23,9 @@ pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, Lla
 pub use lm::{preset_model, CausalLm, KvCache};
 pub use quant::{read_quant_info, LinearObserver, Linears, QuantInfo, QuantScheme, QuantWeight};
 pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
-pub use trainable::{install_quantized, load_trainable, new_trainable, save_quantized, ShapeOverrides, TrainableLm};
+pub use trainable::{
+    install_quantized, load_trainable, new_trainable, save_quantized, GradsReady, ShapeOverrides, TrainableLm,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -9,6 +9,7 @@ use kiln_tensor::Kernels;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::trainable::GradsReady;
 use crate::{CausalLm, KvCache, ModelError, ParamInfo};
 
 mod checkpoint;
@@ -29,6 +30,18 @@ struct LayerIdx {
     gate: (usize, Option<usize>),
     up: (usize, Option<usize>),
     down: (usize, Option<usize>),
+}
+
+impl LayerIdx {
+    /// Every parameter index of the block.
+    fn indices(&self) -> Vec<usize> {
+        let mut v = vec![self.ln1, self.ln2];
+        for (w, b) in [self.q, self.k, self.v, self.o, self.gate, self.up, self.down] {
+            v.push(w);
+            v.extend(b);
+        }
+        v
+    }
 }
 
 /// Activations of one block kept for backward.
@@ -340,6 +353,17 @@ impl Llama {
 
     /// Backward of the mean loss times `loss_scale`; accumulates into `grads`.
     pub fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+        self.backward_with(k, loss_scale, &mut |_, _| {})
+    }
+
+    /// `backward`, reporting each parameter's gradient as final through `ready`: the final norm
+    /// (and an untied head) first, then each layer from the last down, then the embedding.
+    pub fn backward_with(
+        &mut self,
+        k: &dyn Kernels,
+        loss_scale: f32,
+        ready: &mut GradsReady,
+    ) -> Result<(), ModelError> {
         if self.lin.is_quantized() {
             return Err(ModelError::Quantized);
         }
@@ -376,6 +400,11 @@ impl Llama {
         k.matmul_backward(&mut dx, &mut g[self.head], None, &a.logits, &a.lnf, &p[self.head], c, v);
         let last = a.layers.last().map_or(&a.encoded, |la| &la.res3);
         k.rmsnorm_backward(&mut dres, &mut g[self.norm], &dx, last, &p[self.norm], &a.rstdf, c);
+        if self.head == self.embed {
+            ready(&[self.norm], g);
+        } else {
+            ready(&[self.norm, self.head], g);
+        }
 
         for (l, li) in self.layers.iter().enumerate().rev() {
             let res_in = if l == 0 { &a.encoded } else { &a.layers[l - 1].res3 };
@@ -400,10 +429,12 @@ impl Llama {
             linear_backward(k, g, &mut dx2, &dv, &la.ln1, p, li.v, c, kv);
             add_into(&mut dx, &dx2);
             k.rmsnorm_backward(&mut dres, &mut g[li.ln1], &dx, res_in, &p[li.ln1], &la.rstd1, c);
+            ready(&li.indices(), g);
         }
         for (row, &tok) in dres.chunks(c).zip(&a.tokens) {
             add_into(&mut g[self.embed][tok as usize * c..(tok as usize + 1) * c], row);
         }
+        ready(&[self.embed], g);
         self.acts = Some(a); // targets stay taken: the logits are gradients now
         Ok(())
     }

@@ -12,6 +12,10 @@ use crate::llama::{load_llama_dir_skipping, save_llama_hf_files_keeping};
 use crate::quant::{read_quant_info, read_quant_tensors, write_quant_tensors, Linears, QuantInfo, QuantWeight};
 use crate::{CausalLm, Gpt, GptConfig, Llama, LlamaConfig, ModelError, ParamInfo};
 
+/// The callback of [`TrainableLm::backward_with`]: parameter indices whose gradients are final,
+/// and all the gradients.
+pub type GradsReady<'a> = dyn FnMut(&[usize], &[Vec<f32>]) + Send + 'a;
+
 pub trait TrainableLm: CausalLm {
     /// Name, logical shape and weight-decay flag of every tensor, in storage order.
     fn param_info(&self) -> &[ParamInfo];
@@ -34,7 +38,14 @@ pub trait TrainableLm: CausalLm {
         t: usize,
     ) -> Result<Option<f32>, ModelError>;
     /// Backward of the last forward's mean loss times `loss_scale`, accumulated into the gradients.
-    fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError>;
+    fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
+        self.backward_with(k, loss_scale, &mut |_, _| {})
+    }
+    /// `backward`, calling `ready(params, grads)` as soon as the gradients of the parameters
+    /// `params` (indices into `param_info`) are final, layer by layer from the output down,
+    /// every parameter exactly once: data parallelism starts reducing them while the layers
+    /// below are still being differentiated.
+    fn backward_with(&mut self, k: &dyn Kernels, loss_scale: f32, ready: &mut GradsReady) -> Result<(), ModelError>;
     /// A model of the same shape with every parameter zero (a data-parallel replica).
     fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError>;
     /// Bytes of parameters, gradients and activations held now.
@@ -90,8 +101,13 @@ macro_rules! shared_trainable_methods {
         ) -> Result<Option<f32>, ModelError> {
             Self::forward(self, k, tokens, targets, b, t)
         }
-        fn backward(&mut self, k: &dyn Kernels, loss_scale: f32) -> Result<(), ModelError> {
-            Self::backward(self, k, loss_scale)
+        fn backward_with(
+            &mut self,
+            k: &dyn Kernels,
+            loss_scale: f32,
+            ready: &mut GradsReady,
+        ) -> Result<(), ModelError> {
+            Self::backward_with(self, k, loss_scale, ready)
         }
         fn zeros_like(&self) -> Result<Box<dyn TrainableLm>, ModelError> {
             Ok(Box::new(Self::zeros(self.config.clone())?))
@@ -251,4 +267,35 @@ pub fn save_quantized(
     let names: Vec<String> = model.param_info().iter().map(|p| p.name.clone()).collect();
     model.save_hf_keeping(dir, eos, &|name| !info.tensors.contains_key(name))?;
     write_quant_tensors(&dir.join("model.quant.safetensors"), model.linears(), &names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_tensor::CpuKernels;
+
+    /// `backward_with` names every parameter exactly once, and only when its gradient is final:
+    /// what it reports equals what the whole backward ends with, bit for bit.
+    #[test]
+    fn gradients_are_reported_once_and_final() {
+        let k = CpuKernels::default();
+        for preset in ["gpt-tiny", "llama-tiny"] {
+            let mut m = new_trainable(preset, Some(97), ShapeOverrides::default(), 3).unwrap();
+            let (b, t) = (2, 9);
+            let x: Vec<u32> = (0..b * t).map(|i| (i * 7 % 97) as u32).collect();
+            let y: Vec<u32> = (0..b * t).map(|i| (i * 5 % 97) as u32).collect();
+            m.zero_grad();
+            m.forward(&k, &x, Some(&y), b, t).unwrap();
+            let mut seen: Vec<(usize, Vec<f32>)> = Vec::new();
+            m.backward_with(&k, 1.0, &mut |ids, grads| seen.extend(ids.iter().map(|&i| (i, grads[i].clone()))))
+                .unwrap();
+            let n = m.param_info().len();
+            let mut ids: Vec<usize> = seen.iter().map(|s| s.0).collect();
+            ids.sort();
+            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "{preset}: every parameter once");
+            for (i, g) in &seen {
+                assert!(g == &m.grads()[*i], "{preset}: {} changed after it was reported", m.param_info()[*i].name);
+            }
+        }
+    }
 }

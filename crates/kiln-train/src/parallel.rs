@@ -5,9 +5,10 @@
 //! rank count before backward and the gradients are summed over the ranks, so a step computes
 //! the same mean-loss gradient as one rank on the whole batch (and each rank's activation
 //! gradients equal the single rank's on those rows, which keeps fp16 overflows where they were).
-//! The gradients travel in buckets of the flattened parameters after the last micro-batch
-//! (`TrainableLm::backward` runs the whole model in one call, so there is no per-layer hook to start
-//! a bucket early: the all-reduce does not overlap backward).
+//! The gradients travel in buckets of the flattened parameters. On the last micro-batch (earlier
+//! ones only accumulate), backward reports each layer's gradients as final
+//! (`TrainableLm::backward_with`), and every bucket whose parameters are all final goes to a
+//! communication thread at once, so its reduction overlaps the backward of the layers below.
 //!
 //! The ranks are threads of this process ([`run_data_parallel`]) or processes of an MPI job, one
 //! rank each ([`run_as_rank`]); both run the same steps over the `Comm` trait.
@@ -40,6 +41,8 @@ struct Layout {
     offsets: Vec<usize>,
     decay: Vec<bool>,
     buckets: Vec<Range<usize>>,
+    /// The tensors each bucket holds a piece of.
+    bucket_tensors: Vec<Vec<usize>>,
 }
 
 impl Layout {
@@ -49,8 +52,16 @@ impl Layout {
             offsets.push(offsets[offsets.len() - 1] + info.shape.iter().product::<usize>());
         }
         let total = offsets[offsets.len() - 1];
-        let buckets = (0..total).step_by(bucket).map(|s| s..(s + bucket).min(total)).collect();
-        Layout { offsets, decay: model.param_info().iter().map(|p| p.decay).collect(), buckets }
+        let buckets: Vec<Range<usize>> = (0..total).step_by(bucket).map(|s| s..(s + bucket).min(total)).collect();
+        let mut layout = Layout {
+            offsets,
+            decay: model.param_info().iter().map(|p| p.decay).collect(),
+            buckets,
+            bucket_tensors: Vec::new(),
+        };
+        layout.bucket_tensors =
+            layout.buckets.iter().map(|b| layout.pieces(b.clone()).into_iter().map(|p| p.0).collect()).collect();
+        layout
     }
 
     /// The pieces of flat range `r`: (tensor, range inside the tensor, offset inside `r`).
@@ -106,8 +117,11 @@ pub(crate) struct DpRank {
     staging: Vec<f32>,
     x: Vec<u32>,
     y: Vec<u32>,
-    /// Seconds spent in collectives since creation (for the benchmark).
+    /// Seconds spent in collectives since creation (for the benchmark); for the gradient
+    /// reductions, only the time left waiting after backward (the part not overlapped).
     pub comm_secs: f64,
+    /// Gradient buckets handed to the communication thread while backward was still running.
+    pub early_buckets: usize,
 }
 
 impl DpRank {
@@ -121,13 +135,26 @@ impl DpRank {
         zero: bool,
         cfg: &TrainConfig,
     ) -> Result<DpRank, TrainError> {
+        Self::with_bucket(comm, threads, model, opt, zero, cfg, BUCKET)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_bucket(
+        comm: Box<dyn Comm>,
+        threads: usize,
+        model: &dyn TrainableLm,
+        opt: &AdamW,
+        zero: bool,
+        cfg: &TrainConfig,
+        bucket: usize,
+    ) -> Result<DpRank, TrainError> {
         let (d, r) = (comm.size(), comm.rank());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(move |i| format!("kiln-dp{r}-{i}"))
             .build()
             .map_err(|e| TrainError::Parallel(format!("cannot start a rank's thread pool: {e}")))?;
-        let layout = Layout::new(model, BUCKET);
+        let layout = Layout::new(model, bucket);
         let mine: Vec<Range<usize>> = layout
             .buckets
             .iter()
@@ -149,7 +176,18 @@ impl DpRank {
         });
         let staging = vec![0.0; layout.buckets.iter().map(|b| b.len()).max().unwrap_or(0)];
         let n = cfg.batch * cfg.seq;
-        Ok(DpRank { comm, pool, layout, mine, zero, staging, x: vec![0; n], y: vec![0; n], comm_secs: 0.0 })
+        Ok(DpRank {
+            comm,
+            pool,
+            layout,
+            mine,
+            zero,
+            staging,
+            x: vec![0; n],
+            y: vec![0; n],
+            comm_secs: 0.0,
+            early_buckets: 0,
+        })
     }
 
     /// Bytes of optimizer state this rank holds: its moments (full, or its ZeRO shard).
@@ -189,21 +227,23 @@ impl DpRank {
         let rows = r * bl * t..(r + 1) * bl * t;
         model.zero_grad();
         let mut loss = 0.0f64;
-        for _ in 0..cfg.grad_accum {
+        // Pre-divided by the rank count and then summed (not averaged) over ranks: each rank's
+        // loss gradient then equals the single rank's on the same rows, so fp16 overflows
+        // (row-local) happen exactly where one rank's would.
+        let scale = loss_scale / (cfg.grad_accum * d) as f32;
+        for micro in 0..cfg.grad_accum {
             next_batch(&mut self.x, &mut self.y)?;
             let (x, y) = (&self.x[rows.clone()], &self.y[rows.clone()]);
-            let l = self.pool.install(|| -> Result<f32, TrainError> {
-                let l = model.forward(k, x, Some(y), bl, t)?.expect("targets given");
-                // Pre-divided by the rank count and then summed (not averaged) over ranks: each
-                // rank's loss gradient then equals the single rank's on the same rows, so fp16
-                // overflows (row-local) happen exactly where one rank's would.
-                model.backward(k, loss_scale / (cfg.grad_accum * d) as f32)?;
-                Ok(l)
-            })?;
+            let l = self.pool.install(|| model.forward(k, x, Some(y), bl, t))?.expect("targets given");
             loss += l as f64 / cfg.grad_accum as f64;
+            // A one-rank group without ZeRO (the benchmark's baseline) has nothing to exchange.
+            if micro + 1 < cfg.grad_accum || (d == 1 && self.zero.is_none()) {
+                self.pool.install(|| model.backward(k, scale))?;
+            } else {
+                self.backward_reducing(model, k, scale)?;
+            }
         }
         if self.zero.is_none() {
-            self.timed(|s| s.all_reduce_grads(model))?;
             let mut l = [loss];
             self.timed(|s| s.comm.all_reduce_f64(&mut l, ReduceOp::Sum))?;
             let m = &mut *model; // moved in: a `&mut` is Send where a shared `&dyn TrainableLm` is not
@@ -214,7 +254,6 @@ impl DpRank {
             }
             return Ok(((l[0] / d as f64) as f32, norm, !apply));
         }
-        self.timed(|s| s.reduce_scatter_grads(model))?;
         let z = self.zero.as_mut().expect("zero");
         let mut sums = [loss, self.pool.install(|| k.sum_of_squares(&z.g))];
         self.timed(|s| s.comm.all_reduce_f64(&mut sums, ReduceOp::Sum))?;
@@ -228,27 +267,82 @@ impl DpRank {
         Ok(((sums[0] / d as f64) as f32, norm, !apply))
     }
 
-    fn all_reduce_grads(&mut self, model: &mut dyn TrainableLm) -> Result<(), TrainError> {
-        if self.comm.size() == 1 {
-            return Ok(()); // a one-rank group (the benchmark's baseline) has nothing to exchange
+    /// The last micro-batch's backward, with each gradient bucket reduced (all-reduce, or
+    /// reduce-scatter into this rank's ZeRO shard) on a communication thread as soon as
+    /// backward has finished every parameter in it. Buckets go out in the order they complete,
+    /// which every rank shares (the same model runs the same backward), and the engine sums
+    /// each element in rank order, so the result is the same bits as reducing after backward.
+    /// The time spent waiting for the reductions after backward is the exposed communication.
+    fn backward_reducing(
+        &mut self,
+        model: &mut dyn TrainableLm,
+        k: &dyn Kernels,
+        scale: f32,
+    ) -> Result<(), TrainError> {
+        use std::sync::mpsc;
+        let DpRank { comm, pool, layout, mine, zero, comm_secs, early_buckets, .. } = self;
+        let zero_on = zero.is_some();
+        let (to_comm, inbox) = mpsc::channel::<(usize, Vec<f32>)>();
+        let (reply, results) = mpsc::channel::<Result<(usize, Vec<f32>), kiln_comm::CommError>>();
+        let (layout, mine): (&Layout, &[Range<usize>]) = (layout, mine);
+        let mut done = vec![false; layout.decay.len()];
+        let mut sent = vec![false; layout.buckets.len()];
+        let (backward, reduced) = std::thread::scope(|s| {
+            s.spawn(move || {
+                for (b, mut buf) in inbox {
+                    let r = if zero_on {
+                        let mut shard = vec![0.0f32; mine[b].len()];
+                        comm.reduce_scatter(&buf, &mut shard, ReduceOp::Sum).map(|_| (b, shard))
+                    } else {
+                        comm.all_reduce(&mut buf, ReduceOp::Sum).map(|_| (b, buf))
+                    };
+                    let failed = r.is_err();
+                    if reply.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let to_comm_ref = &to_comm;
+            let backward = pool.install(|| {
+                model.backward_with(k, scale, &mut |ids, grads| {
+                    ids.iter().for_each(|&i| done[i] = true);
+                    let finished = done.iter().all(|&d| d);
+                    for (b, range) in layout.buckets.iter().enumerate().rev() {
+                        if !sent[b] && layout.bucket_tensors[b].iter().all(|&i| done[i]) {
+                            let mut buf = vec![0.0f32; range.len()];
+                            layout.pack(range.clone(), grads, &mut buf);
+                            sent[b] = true;
+                            *early_buckets += usize::from(!finished);
+                            // A closed inbox means the reductions failed; the error comes below.
+                            let _ = to_comm_ref.send((b, buf));
+                        }
+                    }
+                })
+            });
+            drop(to_comm);
+            let t0 = Instant::now();
+            let reduced: Vec<_> = results.iter().collect();
+            *comm_secs += t0.elapsed().as_secs_f64();
+            (backward, reduced)
+        });
+        backward?;
+        let mut got = 0;
+        for r in reduced {
+            let (b, buf) = r?;
+            match zero.as_mut() {
+                None => layout.unpack(layout.buckets[b].clone(), &buf, model.grads_mut()),
+                Some(z) => {
+                    let off: usize = mine[..b].iter().map(|m| m.len()).sum();
+                    z.g[off..off + buf.len()].copy_from_slice(&buf);
+                }
+            }
+            got += 1;
         }
-        for b in self.layout.buckets.clone() {
-            let buf = &mut self.staging[..b.len()];
-            self.layout.pack(b.clone(), model.grads(), buf);
-            self.comm.all_reduce(buf, ReduceOp::Sum)?;
-            self.layout.unpack(b, buf, model.grads_mut());
-        }
-        Ok(())
-    }
-
-    fn reduce_scatter_grads(&mut self, model: &dyn TrainableLm) -> Result<(), TrainError> {
-        let z = self.zero.as_mut().expect("zero");
-        let mut off = 0;
-        for (b, fr) in self.layout.buckets.iter().zip(&self.mine) {
-            let buf = &mut self.staging[..b.len()];
-            self.layout.pack(b.clone(), model.grads(), buf);
-            self.comm.reduce_scatter(buf, &mut z.g[off..off + fr.len()], ReduceOp::Sum)?;
-            off += fr.len();
+        if got != layout.buckets.len() {
+            return Err(TrainError::Parallel(format!(
+                "backward reported {got} of {} gradient buckets complete",
+                layout.buckets.len()
+            )));
         }
         Ok(())
     }
@@ -598,6 +692,38 @@ pub fn bench_data_parallel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With small buckets, most gradient reductions start before backward ends (all but the
+    /// buckets holding the embeddings, whose gradients are final last), on every rank, and the
+    /// replicas' gradients come out equal.
+    #[test]
+    fn gradient_buckets_are_reduced_while_backward_runs() {
+        use rand::{Rng, SeedableRng};
+        let cfg = TrainConfig { batch: 4, seq: 16, dp: 2, ..Default::default() };
+        for zero in [false, true] {
+            let out = ThreadComm::launch(2, Duration::from_secs(30), |c| -> Result<_, TrainError> {
+                let mut model = kiln_model::new_trainable("gpt-tiny", Some(97), Default::default(), 1)?;
+                let mut opt = AdamW::new(model.as_ref());
+                let mut rank = DpRank::with_bucket(Box::new(c), 1, model.as_ref(), &opt, zero, &cfg, 4096)?;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+                let mut next = |x: &mut [u32], y: &mut [u32]| {
+                    x.iter_mut().chain(y.iter_mut()).for_each(|v| *v = rng.random_range(0..97));
+                    Ok::<(), TrainError>(())
+                };
+                let k = kiln_tensor::CpuKernels::default();
+                rank.step(model.as_mut(), &mut opt, &k, &cfg, 1e-3, &mut next, None)?;
+                let embedding_buckets =
+                    rank.layout.bucket_tensors.iter().filter(|t| t.contains(&0) || t.contains(&1)).count();
+                Ok((rank.early_buckets, rank.layout.buckets.len() - embedding_buckets, model.params().to_vec()))
+            });
+            let results: Vec<_> = out.into_iter().map(|r| r.unwrap().unwrap()).collect();
+            for (early, want, _) in &results {
+                assert!(*want > 10, "the test needs many buckets");
+                assert_eq!(early, want, "zero {zero}: buckets reduced during backward");
+            }
+            assert!(results[0].2 == results[1].2, "zero {zero}: the replicas differ after the step");
+        }
+    }
 
     #[test]
     fn the_root_cause_of_a_failed_run_is_reported() {
