@@ -17,24 +17,47 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
-fn check(name: &str, kernels: &dyn Kernels) {
-    let (t, meta) = read_safetensors_f32(&fixture(name)).unwrap();
-    let get = |k: &str| meta[k].parse::<usize>().unwrap();
-    let cfg = GptConfig {
-        n_layer: get("n_layer"),
-        n_head: get("n_head"),
-        n_embd: get("n_embd"),
-        block_size: get("block_size"),
-        vocab_size: get("vocab_size"),
-    };
-    let (b, s) = (get("batch"), get("seq"));
-    let mut model = Gpt::zeros(cfg.clone()).unwrap();
-    for info in model.param_info().to_vec() {
-        model.set_param(&info.name, &t[&info.name].1).unwrap();
+/// A fixture's tensors and the model, batch shape and tokens it describes.
+struct Fixture {
+    t: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    cfg: GptConfig,
+    b: usize,
+    s: usize,
+    x: Vec<u32>,
+    y: Vec<u32>,
+}
+
+impl Fixture {
+    fn load(name: &str) -> Fixture {
+        let (t, meta) = read_safetensors_f32(&fixture(name)).unwrap();
+        let get = |k: &str| meta[k].parse::<usize>().unwrap();
+        let cfg = GptConfig {
+            n_layer: get("n_layer"),
+            n_head: get("n_head"),
+            n_embd: get("n_embd"),
+            block_size: get("block_size"),
+            vocab_size: get("vocab_size"),
+        };
+        let tokens = |k: &str| t[k].1.iter().map(|&v| v as u32).collect::<Vec<u32>>();
+        let (x, y) = (tokens("x"), tokens("y"));
+        Fixture { cfg, b: get("batch"), s: get("seq"), x, y, t }
     }
-    let x: Vec<u32> = t["x"].1.iter().map(|&v| v as u32).collect();
-    let y: Vec<u32> = t["y"].1.iter().map(|&v| v as u32).collect();
-    let loss = model.forward(kernels, &x, Some(&y), b, s).unwrap().unwrap();
+
+    /// The model at the fixture's initial weights.
+    fn model(&self) -> Gpt {
+        let mut model = Gpt::zeros(self.cfg.clone()).unwrap();
+        for info in model.param_info().to_vec() {
+            model.set_param(&info.name, &self.t[&info.name].1).unwrap();
+        }
+        model
+    }
+}
+
+fn check(name: &str, kernels: &dyn Kernels) {
+    let f = Fixture::load(name);
+    let (t, cfg, b, s, x, y) = (&f.t, &f.cfg, f.b, f.s, &f.x, &f.y);
+    let mut model = f.model();
+    let loss = model.forward(kernels, x, Some(y), b, s).unwrap().unwrap();
     let want_loss = t["loss"].1[0];
     assert!(((loss - want_loss) / want_loss).abs() < 1e-5, "{name} loss {loss} vs PyTorch {want_loss}");
 
@@ -87,26 +110,13 @@ fn gpt_s_shaped_layer_matches_pytorch() {
 fn mixed_precision_matches_pytorch_autocast() {
     use kiln_tensor::{LowPrecision, MixedPrecisionKernels};
     for (name, with_grads) in [("gpt_tiny", true), ("gpt_s_small", false)] {
-        let (f, meta) = read_safetensors_f32(&fixture(&format!("{name}.safetensors"))).unwrap();
+        let fx = Fixture::load(&format!("{name}.safetensors"));
         let (ac, _) = read_safetensors_f32(&fixture(&format!("{name}_autocast.safetensors"))).unwrap();
-        let get = |k: &str| meta[k].parse::<usize>().unwrap();
-        let cfg = GptConfig {
-            n_layer: get("n_layer"),
-            n_head: get("n_head"),
-            n_embd: get("n_embd"),
-            block_size: get("block_size"),
-            vocab_size: get("vocab_size"),
-        };
-        let (b, s) = (get("batch"), get("seq"));
-        let x: Vec<u32> = f["x"].1.iter().map(|&v| v as u32).collect();
-        let y: Vec<u32> = f["y"].1.iter().map(|&v| v as u32).collect();
+        let (f, cfg, b, s, x, y) = (&fx.t, &fx.cfg, fx.b, fx.s, &fx.x, &fx.y);
         for (tag, p, tol) in [("bf16", LowPrecision::Bf16, 1e-2f64), ("fp16", LowPrecision::Fp16, 1.25e-3)] {
             let k = MixedPrecisionKernels::new(Box::new(CpuKernels::default()), p, false);
-            let mut model = Gpt::zeros(cfg.clone()).unwrap();
-            for info in model.param_info().to_vec() {
-                model.set_param(&info.name, &f[&info.name].1).unwrap();
-            }
-            let loss = model.forward(&k, &x, Some(&y), b, s).unwrap().unwrap();
+            let mut model = fx.model();
+            let loss = model.forward(&k, x, Some(y), b, s).unwrap().unwrap();
             let want_loss = ac[&format!("{tag}.loss")].1[0];
             let loss_err = ((loss - want_loss) / want_loss).abs();
             assert!((loss_err as f64) < tol / 5.0, "{name} {tag}: loss {loss} vs autocast {want_loss}");
