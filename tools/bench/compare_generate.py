@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("/tmp/kiln_bench_models"))
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--quant", choices=["q8_0", "q4_0"], help="quantized weights on both sides")
+    ap.add_argument("--kiln-ckpt", type=Path,
+                    help="time this kiln checkpoint instead of the one made here (e.g. int4 with another group size)")
     ap.add_argument("--pause", type=float, default=0.0,
                     help="seconds to sleep before each run, so one peer's exit does not disturb the next")
     args = ap.parse_args()
@@ -140,6 +142,8 @@ def main():
             scheme = ["--scheme", "int8"] if args.quant == "q8_0" else ["--scheme", "int4", "--group-size", "32"]
             subprocess.run([kiln_bin(), "quantize", "--ckpt", str(d), *scheme, "--method", "rtn", "--out", str(kd)],
                            check=True, capture_output=True)
+    if args.kiln_ckpt:
+        kd = args.kiln_ckpt
     peers = {"kiln": lambda: run_kiln(kd, args.prompt_len, args.gen, args.threads)}
     if not args.quant:
         peers["pytorch"] = lambda: run_torch(d, args.prompt_len, args.gen, args.threads)
