@@ -169,7 +169,6 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
-    std::fs::create_dir_all(&tmp)?;
     let info = QuantInfo {
         scheme,
         method: method.name().into(),
@@ -184,27 +183,40 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         }),
     };
     let eos = kiln_model::read_eos_token_ids(&src).first().copied();
-    kiln_model::save_quantized(model.as_ref(), &tmp, eos, &info)?;
-    // The source's config.json, tokenizer and chat template carry over unchanged.
-    for f in
-        ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
-    {
-        if src.join(f).is_file() {
-            std::fs::copy(src.join(f), tmp.join(f))?;
+    let write = || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        kiln_model::save_quantized(model.as_ref(), &tmp, eos, &info)?;
+        // The source's config.json, tokenizer and chat template carry over unchanged.
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
+            if src.join(f).is_file() {
+                std::fs::copy(src.join(f), tmp.join(f))?;
+            }
         }
+        let kiln_json = serde_json::json!({
+            "format": "kiln-checkpoint",
+            "version": 1,
+            "kiln_version": env!("CARGO_PKG_VERSION"),
+            "architecture": model.model_type(),
+            "precision": "fp32",
+            "quantization": info,
+            "quantized_from": src.display().to_string(),
+            "pruning": null,
+        });
+        kiln_model::write_atomic(&tmp.join("kiln.json"), serde_json::to_string_pretty(&kiln_json)?.as_bytes())?;
+        std::fs::rename(&tmp, &a.out)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        // Nothing half-written stays behind: --out was never touched, the temporary goes.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    let kiln_json = serde_json::json!({
-        "format": "kiln-checkpoint",
-        "version": 1,
-        "kiln_version": env!("CARGO_PKG_VERSION"),
-        "architecture": model.model_type(),
-        "precision": "fp32",
-        "quantization": info,
-        "quantized_from": src.display().to_string(),
-        "pruning": null,
-    });
-    kiln_model::write_atomic(&tmp.join("kiln.json"), serde_json::to_string_pretty(&kiln_json)?.as_bytes())?;
-    std::fs::rename(&tmp, &a.out)?;
     let files = [a.out.join("model.safetensors"), a.out.join("model.quant.safetensors")];
     let after_bytes = dir_bytes(&files);
 
