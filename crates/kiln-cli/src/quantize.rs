@@ -35,6 +35,10 @@ pub struct QuantizeArgs {
     /// GPTQ: quantize columns by descending Hessian diagonal (with static groups).
     #[arg(long)]
     act_order: bool,
+    /// Calibrate block by block on the partly quantized model, each block seeing the error of
+    /// the blocks before it (GPTQ's "true sequential"); one calibration pass per block.
+    #[arg(long)]
+    sequential: bool,
     /// GPTQ damping, a fraction of the Hessian's mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
@@ -135,14 +139,20 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
     let k = CpuKernels::default();
     let float_bytes: usize = 4 * model.num_params();
 
-    let calib = if method.needs_calibration() {
+    let windows = if method.needs_calibration() {
         let path = a.calib.as_ref().ok_or_else(|| usage(format!("--method {} needs --calib FILE", method.name())))?;
         let ids = tok.encode(&read_text(path)?)?;
         let len = a.calib_len.unwrap_or(model.context_len().min(256)).min(model.context_len());
         if ids.len() < 2 || len == 0 || a.calib_samples == 0 {
             return Err(usage("the calibration text is too short (or --calib-samples / --calib-len is 0)"));
         }
-        let windows = calibration_windows(&ids, a.calib_samples, len);
+        calibration_windows(&ids, a.calib_samples, len)
+    } else if a.sequential {
+        return Err(usage("--sequential needs a calibrated method (gptq, awq or smoothquant)"));
+    } else {
+        Vec::new()
+    };
+    let calib = if method.needs_calibration() && !a.sequential {
         let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar(windows.len() as u64, "calibrate") };
         let c = kiln_compress::calibrate(model.as_mut(), &k, &windows, method == Method::Gptq, &mut |d, _| {
             pb.set_position(d as u64)
@@ -155,10 +165,15 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
 
     let total = model.linear_params().len().saturating_sub(opts.keep.len());
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { ui::bar(total as u64, "quantize") };
-    let layers = kiln_compress::quantize_model(model.as_mut(), &opts, &calib, &mut |j, _, name| {
+    let mut on_layer = |j: usize, _: usize, name: &str| {
         pb.set_position(j as u64);
         pb.set_message(name.to_string());
-    })?;
+    };
+    let layers = if a.sequential {
+        kiln_compress::quantize_model_sequential(model.as_mut(), &k, &windows, &opts, &mut on_layer)?
+    } else {
+        kiln_compress::quantize_model(model.as_mut(), &opts, &calib, &mut on_layer)?
+    };
     pb.finish_and_clear();
 
     // Write into a temporary directory beside --out, then rename it into place.
@@ -179,6 +194,7 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
             "damp": (method == Method::Gptq).then_some(a.damp),
             "act_order": (method == Method::Gptq).then_some(a.act_order),
             "calib_samples": method.needs_calibration().then_some(a.calib_samples),
+            "sequential": a.sequential,
             "kept_in_f32": opts.keep.iter().map(|&i| model.param_info()[i].name.clone()).collect::<Vec<_>>(),
         }),
     };

@@ -167,6 +167,11 @@ fn quantize_then_run_and_integer_only() {
         "does not go with",
     );
     fails_with(&kiln(&["quantize", "--ckpt", s(&q), "--scheme", "int8", "--out", s(&fresh)]), 2, "already quantized");
+    fails_with(
+        &kiln(&["quantize", "--ckpt", s(&ck), "--scheme", "int4", "--sequential", "--out", s(&fresh)]),
+        2,
+        "--sequential needs a calibrated method",
+    );
     assert!(!fresh.exists());
 
     let ppl = |extra: &[&str]| -> f64 {

@@ -22,7 +22,10 @@ pub use calib::LinearCalib;
 pub use gptq::{gptq_int4, gptq_int8, GptqOptions};
 pub use kiln_tensor::quant::{Int4Weight, Int8Weight, QuantError};
 pub use metrics::{output_error_sq, relative_output_error};
-pub use model::{calibrate, check_options, quantize_model, LayerReport, Method, QuantizeOptions};
+pub use model::{
+    calibrate, calibrate_only, check_options, quantize_model, quantize_model_sequential, LayerReport, Method,
+    QuantizeOptions,
+};
 pub use rtn::{dequantize_int4, dequantize_int8, rtn_int4, rtn_int8};
 pub use smoothquant::{smoothquant_scales, w8a8_smoothquant};
 

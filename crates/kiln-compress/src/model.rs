@@ -115,11 +115,28 @@ pub fn calibrate(
     hessian: bool,
     on_sequence: &mut dyn FnMut(usize, usize),
 ) -> Result<BTreeMap<usize, LinearCalib>> {
+    calibrate_only(model, kern, sequences, hessian, None, on_sequence)
+}
+
+/// [`calibrate`] for the linear layers in `only` (all when None), through the model as it is
+/// now (layers already quantized run quantized).
+pub fn calibrate_only(
+    model: &mut dyn TrainableLm,
+    kern: &dyn Kernels,
+    sequences: &[Vec<u32>],
+    hessian: bool,
+    only: Option<&[usize]>,
+    on_sequence: &mut dyn FnMut(usize, usize),
+) -> Result<BTreeMap<usize, LinearCalib>> {
     if sequences.is_empty() || sequences.iter().all(|s| s.is_empty()) {
         return Err(CompressError::NoCalibration);
     }
-    let dims: BTreeMap<usize, usize> =
-        model.linear_params().into_iter().map(|i| (i, model.param_info()[i].shape[1])).collect();
+    let dims: BTreeMap<usize, usize> = model
+        .linear_params()
+        .into_iter()
+        .filter(|i| only.is_none_or(|o| o.contains(i)))
+        .map(|i| (i, model.param_info()[i].shape[1]))
+        .collect();
     let stats: Arc<Mutex<CalibState>> = Arc::new(Mutex::new((
         dims.iter()
             .map(|(&i, &k)| {
@@ -164,12 +181,68 @@ pub fn quantize_model(
     calib: &BTreeMap<usize, LinearCalib>,
     on_layer: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Vec<LayerReport>> {
+    let targets: Vec<usize> = model.linear_params().into_iter().filter(|i| !opts.keep.contains(i)).collect();
+    quantize_linears(model, opts, calib, &targets, 0, targets.len(), on_layer)
+}
+
+/// The transformer block a parameter belongs to (`h.3.…`, `model.layers.3.…`), None for the
+/// embeddings and the output head.
+fn block_of(name: &str) -> Option<usize> {
+    let mut parts = name.split('.');
+    while let Some(p) = parts.next() {
+        if p == "h" || p == "layers" {
+            return parts.next().and_then(|n| n.parse().ok());
+        }
+    }
+    None
+}
+
+/// GPTQ's "true sequential" order: block by block from the input, each block's linear layers
+/// calibrated on the activations of the model with every earlier block already quantized (so
+/// a layer compensates the error upstream of it, as in the GPTQ reference code), then the
+/// output head last. Costs one calibration pass per block instead of one in all.
+pub fn quantize_model_sequential(
+    model: &mut dyn TrainableLm,
+    kern: &dyn Kernels,
+    sequences: &[Vec<u32>],
+    opts: &QuantizeOptions,
+    on_layer: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<LayerReport>> {
     check_options(opts)?;
     let targets: Vec<usize> = model.linear_params().into_iter().filter(|i| !opts.keep.contains(i)).collect();
+    let mut blocks: BTreeMap<(bool, usize), Vec<usize>> = BTreeMap::new();
+    for &i in &targets {
+        let key = match block_of(&model.param_info()[i].name) {
+            Some(b) => (false, b),
+            None => (true, 0), // after every block
+        };
+        blocks.entry(key).or_default().push(i);
+    }
+    let hessian = opts.method == Method::Gptq;
+    let mut reports = Vec::with_capacity(targets.len());
+    for group in blocks.values() {
+        let calib = calibrate_only(model, kern, sequences, hessian, Some(group), &mut |_, _| {})?;
+        let done = reports.len();
+        reports.extend(quantize_linears(model, opts, &calib, group, done, targets.len(), on_layer)?);
+    }
+    Ok(reports)
+}
+
+/// Quantizes and installs the linear weights `targets`; progress counts from `first` of `total`.
+fn quantize_linears(
+    model: &mut dyn TrainableLm,
+    opts: &QuantizeOptions,
+    calib: &BTreeMap<usize, LinearCalib>,
+    targets: &[usize],
+    first: usize,
+    total: usize,
+    on_layer: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<LayerReport>> {
+    check_options(opts)?;
     let mut reports = Vec::with_capacity(targets.len());
     for (j, &i) in targets.iter().enumerate() {
         let name = model.param_info()[i].name.clone();
-        on_layer(j, targets.len(), &name);
+        on_layer(first + j, total, &name);
         let k = model.param_info()[i].shape[1];
         let w = model.params()[i].clone();
         let n = w.len() / k;

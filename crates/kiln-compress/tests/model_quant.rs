@@ -134,3 +134,47 @@ fn quantized_checkpoints_round_trip_and_decode_matches_recompute() {
         }
     }
 }
+
+/// Sequential GPTQ: every linear layer is quantized exactly once, in block order with the head
+/// last, and the first block comes out exactly as the one-pass method makes it (both calibrate
+/// it on the float model), while later blocks differ (they were calibrated downstream of an
+/// already quantized block).
+#[test]
+fn sequential_gptq_calibrates_each_block_on_the_quantized_blocks_before_it() {
+    use kiln_compress::quantize_model_sequential;
+    let k = CpuKernels::default();
+    let opts = options(QuantScheme::Int4, Method::Gptq);
+    for (name, mut one_pass) in models() {
+        let mut seq = match name {
+            "gpt2" => kiln_model::new_trainable("gpt-tiny", Some(300), Default::default(), 5).unwrap(),
+            _ => load_trainable(&fixture(if name == "llama" { "hf_llama_tiny" } else { "hf_qwen2_tiny" })).unwrap(),
+        };
+        let v = one_pass.vocab_size();
+        let windows: Vec<Vec<u32>> = (0..3).map(|s| tokens(64, v, s)).collect();
+        let calib = calibrate(one_pass.as_mut(), &k, &windows, true, &mut |_, _| {}).unwrap();
+        let a = quantize_model(one_pass.as_mut(), &opts, &calib, &mut |_, _, _| {}).unwrap();
+        let mut order = Vec::new();
+        let b = quantize_model_sequential(seq.as_mut(), &k, &windows, &opts, &mut |_, _, n| order.push(n.to_string()))
+            .unwrap();
+        let names = |r: &[kiln_compress::LayerReport]| r.iter().map(|l| l.name.clone()).collect::<Vec<_>>();
+        let mut sorted = names(&b);
+        sorted.sort();
+        let mut want = names(&a);
+        want.sort();
+        assert_eq!(sorted, want, "{name}: every linear once");
+        assert_eq!(order, names(&b), "{name}: progress follows the order of work");
+        let block = |n: &str| n.split('.').skip_while(|p| *p != "h" && *p != "layers").nth(1).map(str::to_string);
+        assert_eq!(block(&order[0]).as_deref(), Some("0"), "{name}: starts at block 0");
+        let first_block = |r: &kiln_compress::LayerReport| block(&r.name).as_deref() == Some("0");
+        let later = |r: &kiln_compress::LayerReport| block(&r.name).is_some_and(|b| b != "0");
+        let err = |rs: &[kiln_compress::LayerReport], f: &dyn Fn(&kiln_compress::LayerReport) -> bool| {
+            rs.iter().filter(|r| f(r)).map(|r| (r.name.clone(), r.output_error.unwrap().to_bits())).collect::<Vec<_>>()
+        };
+        let sorted_err = |mut v: Vec<(String, u64)>| {
+            v.sort();
+            v
+        };
+        assert_eq!(sorted_err(err(&a, &first_block)), sorted_err(err(&b, &first_block)), "{name}: block 0");
+        assert_ne!(sorted_err(err(&a, &later)), sorted_err(err(&b, &later)), "{name}: later blocks");
+    }
+}
