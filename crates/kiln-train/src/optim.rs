@@ -4,7 +4,7 @@ use kiln_model::TrainableLm;
 use kiln_tensor::kernels::AdamWStep;
 use kiln_tensor::Kernels;
 
-use crate::TrainConfig;
+use crate::{LossScaler, TrainConfig};
 
 /// nanoGPT's schedule: linear warmup to `lr` over `warmup` steps, then cosine decay to
 /// `min_lr` at `total`. `step` is 0-based.
@@ -48,6 +48,26 @@ impl AdamW {
         let norm = Self::grad_norm(model, k);
         self.apply(model, k, lr, cfg, norm, 1.0);
         norm
+    }
+
+    /// [`AdamW::step`] on gradients multiplied by the scaler's loss scale (fp16; no scaler means
+    /// a scale of 1): the true norm is theirs over the scale, and a non-finite one skips the
+    /// update and tells the scaler. Returns (true norm, skipped).
+    pub fn step_scaled(
+        &mut self,
+        model: &mut dyn TrainableLm,
+        k: &dyn Kernels,
+        lr: f32,
+        cfg: &TrainConfig,
+        scaler: Option<&mut LossScaler>,
+    ) -> (f32, bool) {
+        let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+        let norm = Self::grad_norm(model, k) / loss_scale;
+        let apply = scaler.is_none_or(|s| s.update(norm.is_finite()));
+        if apply {
+            self.apply(model, k, lr, cfg, norm, 1.0 / loss_scale);
+        }
+        (norm, !apply)
     }
 
     /// The AdamW step on gradients that are `1 / inv_scale` times their true value (fp16 loss

@@ -246,13 +246,8 @@ impl DpRank {
         if self.zero.is_none() {
             let mut l = [loss];
             self.timed(|s| s.comm.all_reduce_f64(&mut l, ReduceOp::Sum))?;
-            let m = &mut *model; // moved in: a `&mut` is Send where a shared `&dyn TrainableLm` is not
-            let norm = self.pool.install(move || AdamW::grad_norm(m, k)) / loss_scale;
-            let apply = scaler.is_none_or(|s| s.update(norm.is_finite()));
-            if apply {
-                self.pool.install(|| opt.apply(model, k, lr, cfg, norm, 1.0 / loss_scale));
-            }
-            return Ok(((l[0] / d as f64) as f32, norm, !apply));
+            let (norm, skipped) = self.pool.install(|| opt.step_scaled(model, k, lr, cfg, scaler));
+            return Ok(((l[0] / d as f64) as f32, norm, skipped));
         }
         let z = self.zero.as_mut().expect("zero");
         let mut sums = [loss, self.pool.install(|| k.sum_of_squares(&z.g))];
@@ -434,11 +429,9 @@ fn threads_per_rank(d: usize) -> usize {
     (rayon::current_num_threads() / d).max(1)
 }
 
-/// A rank other than 0: trains its replica in lockstep with rank 0 and does no I/O.
+/// A rank other than 0: trains its model in lockstep with rank 0 and does no I/O.
 struct Worker {
     rank: DpRank,
-    model: Box<dyn TrainableLm>,
-    opt: AdamW,
     sampler: BatchSampler,
     data: Arc<Dataset>,
     kernels: Arc<dyn Kernels>,
@@ -450,15 +443,16 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self) -> Result<(), TrainError> {
+    /// Trains `model` with `opt` (this rank's replica and optimizer state).
+    fn run(mut self, model: &mut dyn TrainableLm, opt: &mut AdamW) -> Result<(), TrainError> {
         let (cfg, data) = (&self.cfg, &self.data);
         for step in self.start..self.stop {
             let sampler = &mut self.sampler;
             let mut next =
                 |x: &mut [u32], y: &mut [u32]| sampler.next_batch(&data.train, x, y).map_err(TrainError::from);
             self.rank.step(
-                self.model.as_mut(),
-                &mut self.opt,
+                model,
+                opt,
                 self.kernels.as_ref(),
                 cfg,
                 lr_at(step, cfg),
@@ -467,10 +461,10 @@ impl Worker {
             )?;
             // Rank 0 gathers the moments to checkpoint them: take part.
             if checkpoint_due(step + 1, self.stop, cfg) {
-                self.rank.gather_moments(self.model.as_ref(), false)?;
+                self.rank.gather_moments(model, false)?;
             }
         }
-        self.rank.gather_moments(self.model.as_ref(), false)?;
+        self.rank.gather_moments(model, false)?;
         Ok(())
     }
 }
@@ -493,10 +487,10 @@ pub(crate) fn run_data_parallel(
     }
     let mut workers = Vec::with_capacity(d - 1);
     for rank in ranks.drain(1..) {
-        workers.push(Worker {
+        let model = replica(tr.model.as_ref())?;
+        let opt = if zero { AdamW { m: Vec::new(), v: Vec::new(), t: tr.opt.t } } else { tr.opt.clone() };
+        let worker = Worker {
             rank,
-            model: replica(tr.model.as_ref())?,
-            opt: if zero { AdamW { m: Vec::new(), v: Vec::new(), t: tr.opt.t } } else { tr.opt.clone() },
             sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
             data: tr.data.clone(),
             kernels: tr.kernels.clone(),
@@ -504,7 +498,8 @@ pub(crate) fn run_data_parallel(
             cfg: cfg.clone(),
             start: tr.step,
             stop,
-        });
+        };
+        workers.push((worker, model, opt));
     }
     if zero {
         // The shards now hold the moments; rank 0 keeps none of the rest (ZeRO's saving).
@@ -513,7 +508,8 @@ pub(crate) fn run_data_parallel(
     }
     tr.dp = ranks.pop();
     std::thread::scope(|s| {
-        let handles: Vec<_> = workers.into_iter().map(|w| s.spawn(move || w.run())).collect();
+        let handles: Vec<_> =
+            workers.into_iter().map(|(w, mut m, mut o)| s.spawn(move || w.run(m.as_mut(), &mut o))).collect();
         let mut r0 = tr.run_loop(stop, on_event);
         if r0.is_ok() {
             r0 = tr.finish_data_parallel();
@@ -561,10 +557,14 @@ pub(crate) fn run_as_rank(
     let stop = stop.min(cfg.steps);
     let zero = cfg.zero == 1;
     let rank = DpRank::new(comm, rayon::current_num_threads(), tr.model.as_ref(), &tr.opt, zero, &cfg)?;
+    if zero {
+        // The shard now holds this rank's moments; the rest go (ZeRO's saving, on every rank).
+        tr.opt.m = Vec::new();
+        tr.opt.v = Vec::new();
+    }
     if rank.comm.rank() != 0 {
+        // This process is the rank: it trains the trainer's own model and optimizer state.
         let worker = Worker {
-            model: replica(tr.model.as_ref())?,
-            opt: if zero { AdamW { m: Vec::new(), v: Vec::new(), t: tr.opt.t } } else { tr.opt.clone() },
             sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
             data: tr.data.clone(),
             kernels: tr.kernels.clone(),
@@ -574,11 +574,7 @@ pub(crate) fn run_as_rank(
             stop,
             rank,
         };
-        return worker.run();
-    }
-    if zero {
-        tr.opt.m = Vec::new();
-        tr.opt.v = Vec::new();
+        return worker.run(tr.model.as_mut(), &mut tr.opt);
     }
     tr.dp = Some(rank);
     let mut r = tr.run_loop(stop, on_event);

@@ -256,16 +256,9 @@ impl Trainer {
             self.model.backward(self.kernels.as_ref(), loss_scale / cfg.grad_accum as f32)?;
             loss += l as f64 / cfg.grad_accum as f64;
         }
-        let k = self.kernels.as_ref();
-        let grad_norm = AdamW::grad_norm(self.model.as_ref(), k) / loss_scale;
-        let apply = match self.scaler.as_mut() {
-            Some(s) => s.update(grad_norm.is_finite()),
-            None => true,
-        };
-        if apply {
-            self.opt.apply(self.model.as_mut(), k, lr, cfg, grad_norm, 1.0 / loss_scale);
-        }
-        Ok(StepOutcome { loss: loss as f32, grad_norm, skipped: !apply })
+        let (grad_norm, skipped) =
+            self.opt.step_scaled(self.model.as_mut(), self.kernels.as_ref(), lr, cfg, self.scaler.as_mut());
+        Ok(StepOutcome { loss: loss as f32, grad_norm, skipped })
     }
 
     /// A few lines of text from the model, seeded by the step so they never disturb training.

@@ -132,7 +132,8 @@ fn bf16_data_parallel_matches_the_single_rank_run() {
 /// fp16 loss scaling under data parallelism: an initial scale of 2^24 overflows. Each rank's
 /// loss gradient is pre-divided by the rank count, so its rows overflow exactly where one
 /// rank's would; every rank decides on the same all-reduced norm, so all skip the same steps
-/// as the single rank, and the losses match within the bf16 test's bound.
+/// as the single rank, and the losses match: measured 3.7e-6 (dp=2) and 2.5e-6 (ZeRO-1) over
+/// 10 steps, bound 5e-5 (fp16 roundings flip less often than bf16's, see above).
 #[test]
 fn fp16_loss_scaling_under_data_parallel_skips_like_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
@@ -157,7 +158,7 @@ fn fp16_loss_scaling_under_data_parallel_skips_like_one_rank() {
     assert!(want[0] && want.iter().any(|s| !s), "2^24 should overflow first, then fit: {want:?}");
     for (name, zero) in [("dp2", 0), ("zero", 1)] {
         let cfg = fp16(name, 2, zero);
-        assert_within(&format!("fp16 {name}"), &run(&cfg, &tok, &data), &single, 2e-4);
+        assert_within(&format!("fp16 {name}"), &run(&cfg, &tok, &data), &single, 5e-5);
         assert_eq!(skipped(&cfg), want, "fp16 {name}: skipped steps differ from one rank's");
     }
 }

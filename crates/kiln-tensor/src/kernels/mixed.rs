@@ -102,7 +102,7 @@ fn to_bf16(x: &[f32]) -> Vec<bf16> {
 }
 
 /// `x ← bf16(x)` rounded to nearest even, kept in f32.
-pub fn round_to_bf16_in_place(x: &mut [f32]) {
+fn round_to_bf16_in_place(x: &mut [f32]) {
     x.par_chunks_mut(CHUNK).for_each(|c| {
         let mut tmp = vec![bf16::ZERO; c.len()];
         f32_to_bf16_rne(c, &mut tmp);
@@ -113,7 +113,7 @@ pub fn round_to_bf16_in_place(x: &mut [f32]) {
 }
 
 /// `x ← fp16(x)` rounded to nearest even, kept in f32; beyond ±65504 gives ±inf.
-pub fn round_to_f16_in_place(x: &mut [f32]) {
+fn round_to_f16_in_place(x: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     x.par_chunks_mut(CHUNK).for_each(|c| {
         let mut tmp = vec![f16::ZERO; c.len()];

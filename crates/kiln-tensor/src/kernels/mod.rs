@@ -25,7 +25,7 @@ mod rope;
 mod swiglu;
 
 pub use adamw::AdamWStep;
-pub use mixed::{round_to_bf16_in_place, round_to_f16_in_place, LowPrecision, MixedPrecisionKernels};
+pub use mixed::{LowPrecision, MixedPrecisionKernels};
 
 use crate::simd::Isa;
 
