@@ -19,7 +19,7 @@ mod thread;
 use std::ops::Range;
 use std::time::Duration;
 
-pub use plan::{Plan, PlanGroups};
+pub use plan::{Coords, Plan, PlanGroups};
 pub use thread::ThreadComm;
 
 #[cfg(feature = "mpi")]

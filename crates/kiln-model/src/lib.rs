@@ -10,6 +10,7 @@ mod llama;
 mod lm;
 mod quant;
 mod sample;
+mod shard;
 mod trainable;
 
 pub use checkpoint::{
@@ -23,6 +24,7 @@ pub use llama::{load_llama_dir, read_hf_tensors, save_llama_hf_files, Llama, Lla
 pub use lm::{preset_model, CausalLm, KvCache};
 pub use quant::{read_quant_info, LinearObserver, Linears, QuantInfo, QuantScheme, QuantWeight};
 pub use sample::{apply_penalties, generate, sample_next, SamplingParams};
+pub use shard::{cut_tensors, place_tensors, Shard, Slice};
 pub use trainable::{
     install_quantized, load_trainable, new_trainable, save_quantized, GradsReady, ShapeOverrides, TrainableLm,
 };
@@ -47,4 +49,6 @@ pub enum ModelError {
     Checkpoint { path: String, msg: String },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("tensor parallel: {0}")]
+    Comm(#[from] kiln_comm::CommError),
 }

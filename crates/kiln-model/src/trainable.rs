@@ -5,12 +5,13 @@
 
 use std::path::Path;
 
+use kiln_comm::Comm;
 use kiln_tensor::Kernels;
 
 use crate::checkpoint::{ck_err, load_hf_dir_skipping, read_model_type, resolve_model_dir, save_hf_files_keeping};
 use crate::llama::{load_llama_dir_skipping, save_llama_hf_files_keeping};
 use crate::quant::{read_quant_info, read_quant_tensors, write_quant_tensors, Linears, QuantInfo, QuantWeight};
-use crate::{CausalLm, Gpt, GptConfig, Llama, LlamaConfig, ModelError, ParamInfo};
+use crate::{CausalLm, Gpt, GptConfig, Llama, LlamaConfig, ModelError, ParamInfo, Shard, Slice};
 
 /// The callback of [`TrainableLm::backward_with`]: parameter indices whose gradients are final,
 /// and all the gradients.
@@ -65,6 +66,88 @@ pub trait TrainableLm: CausalLm {
     /// Training FLOPs per token at sequence length `t` (nanoGPT / PaLM convention: 6 per
     /// parameter that takes part in a matmul, plus 12·L·T·(attention width) for attention).
     fn train_flops_per_token(&self, t: usize) -> f64;
+
+    // Tensor and pipeline parallelism. An architecture that does not implement them is always
+    // whole ([`Shard::FULL`]) and refuses to be cut.
+
+    /// The part of the model this is: [`Shard::FULL`] unless tensor or pipeline parallel.
+    fn shard(&self) -> Shard {
+        Shard::FULL
+    }
+    /// Where each tensor lies in the full model's tensor of the same name.
+    fn param_slices(&self) -> Vec<Slice> {
+        vec![Slice::Whole; self.param_info().len()]
+    }
+    /// Shard `shard` of this whole model, its tensors copied out.
+    fn to_shard(&self, shard: Shard) -> Result<Box<dyn TrainableLm>, ModelError> {
+        if !shard.is_full() {
+            return Err(ModelError::BadConfig(format!(
+                "tensor and pipeline parallelism are built for GPT-2 models, not {}: use --dp",
+                self.model_type()
+            )));
+        }
+        let mut m = self.zeros_like()?;
+        m.params_mut().iter_mut().zip(self.params()).for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(m)
+    }
+    /// The tensor-parallel group of a shard with `tp > 1` (its stage's ranks, in tp order).
+    fn set_tp_group(&mut self, tp: Box<dyn Comm>) -> Result<(), ModelError> {
+        if tp.size() == 1 {
+            Ok(())
+        } else {
+            Err(ModelError::BadConfig(format!("{} has no tensor-parallel implementation", self.model_type())))
+        }
+    }
+    /// Width of the hidden state one pipeline stage hands the next, per position.
+    fn hidden_width(&self) -> usize;
+    /// This pipeline stage's forward: the first stage embeds `tokens`, the others start from
+    /// `hidden` (the previous stage's [`TrainableLm::stage_output`]); the last stage returns
+    /// the mean loss when given targets.
+    fn forward_stage(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        hidden: Option<&[f32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, ModelError> {
+        if hidden.is_some() {
+            return Err(ModelError::BadConfig("a whole model takes no hidden input".into()));
+        }
+        self.forward(k, tokens, targets, b, t)
+    }
+    /// A stage's output after `forward_stage`, `[b·t, hidden_width]` (not on the last stage).
+    fn stage_output(&self) -> Option<&[f32]> {
+        None
+    }
+    /// This stage's backward: the last stage from its loss times `loss_scale`, the others
+    /// from `d_out`, the gradient of their output.
+    fn backward_stage(
+        &mut self,
+        k: &dyn Kernels,
+        loss_scale: f32,
+        d_out: Option<&[f32]>,
+        ready: &mut GradsReady,
+    ) -> Result<(), ModelError> {
+        if d_out.is_some() {
+            return Err(ModelError::BadConfig("a whole model takes no output gradient".into()));
+        }
+        self.backward_with(k, loss_scale, ready)
+    }
+    /// The gradient of a stage's input after `backward_stage` (not on the first stage).
+    fn stage_input_grad(&self) -> Option<&[f32]> {
+        None
+    }
+    /// Makes activation set `slot` current: a pipeline stage keeps one per micro-batch in flight.
+    fn select_activations(&mut self, slot: usize) {
+        let _ = slot;
+    }
+    /// The tensor this pipeline stage shares with another (GPT-2's token table, on the first
+    /// and the last stage): the two copies' gradients are summed every step.
+    fn tied_param(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The trait methods both architectures answer from their inherent methods and fields.
@@ -133,10 +216,57 @@ impl TrainableLm for Gpt {
         save_hf_files_keeping(self, dir, eos, keep)
     }
     fn embedding_params(&self) -> Vec<usize> {
-        vec![0] // wte; the position table wpe is added, never multiplied
+        Self::embedding_params(self) // wte; the position table wpe is added, never multiplied
     }
     fn train_flops_per_token(&self, t: usize) -> f64 {
         self.config.train_flops_per_token(t)
+    }
+    fn shard(&self) -> Shard {
+        Self::shard(self)
+    }
+    fn param_slices(&self) -> Vec<Slice> {
+        Self::param_slices(self).to_vec()
+    }
+    fn to_shard(&self, shard: Shard) -> Result<Box<dyn TrainableLm>, ModelError> {
+        Ok(Box::new(Self::to_shard(self, shard)?))
+    }
+    fn set_tp_group(&mut self, tp: Box<dyn Comm>) -> Result<(), ModelError> {
+        Self::set_tp_group(self, tp)
+    }
+    fn hidden_width(&self) -> usize {
+        self.config.n_embd
+    }
+    fn forward_stage(
+        &mut self,
+        k: &dyn Kernels,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        hidden: Option<&[f32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, ModelError> {
+        Self::forward_stage(self, k, tokens, targets, hidden, b, t)
+    }
+    fn stage_output(&self) -> Option<&[f32]> {
+        Self::stage_output(self)
+    }
+    fn backward_stage(
+        &mut self,
+        k: &dyn Kernels,
+        loss_scale: f32,
+        d_out: Option<&[f32]>,
+        ready: &mut GradsReady,
+    ) -> Result<(), ModelError> {
+        Self::backward_stage(self, k, loss_scale, d_out, ready)
+    }
+    fn stage_input_grad(&self) -> Option<&[f32]> {
+        Self::stage_input_grad(self)
+    }
+    fn select_activations(&mut self, slot: usize) {
+        Self::select_activations(self, slot)
+    }
+    fn tied_param(&self) -> Option<usize> {
+        Self::tied_param(self)
     }
 }
 
@@ -147,6 +277,9 @@ impl TrainableLm for Llama {
     }
     fn embedding_params(&self) -> Vec<usize> {
         vec![self.embed_index()]
+    }
+    fn hidden_width(&self) -> usize {
+        self.config.n_embd
     }
     fn train_flops_per_token(&self, t: usize) -> f64 {
         let c = &self.config;

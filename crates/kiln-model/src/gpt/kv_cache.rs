@@ -111,6 +111,7 @@ impl Gpt {
         seqs: &[usize],
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
+        self.require_full("run for generation")?;
         let cfg = &self.config;
         let (m, c, nh, hs, v, vp) =
             (seqs.len(), cfg.n_embd, cfg.n_head, cfg.head_size(), cfg.vocab_size, cfg.padded_vocab());
