@@ -64,6 +64,15 @@ pub struct BenchTrainArgs {
     /// Data-parallel ranks (threads sharing the cores); --batch is the global batch.
     #[arg(long)]
     dp: Option<usize>,
+    /// Tensor-parallel ranks (GPT-2 presets): reports the all-reduce time per step.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Pipeline stages (GPT-2 presets): reports the time stages wait for each other.
+    #[arg(long)]
+    pp: Option<usize>,
+    /// Pipeline micro-batches per batch (default: --pp).
+    #[arg(long)]
+    micro_batches: Option<usize>,
     /// With --dp: 1 shards the AdamW moments over the ranks (ZeRO-1).
     #[arg(long, default_value_t = 0)]
     zero: u8,
@@ -82,8 +91,8 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
         return Err(usage("--batch and --seq must be at least 1"));
     }
     let k = kiln_train::kernels_for(precision, a.stochastic_rounding, Box::new(CpuKernels::default()));
-    if let Some(dp) = a.dp {
-        return bench_train_dp(a, dp, k.as_ref());
+    if a.dp.is_some() || a.tp.is_some() || a.pp.is_some() {
+        return bench_train_parallel(a, k.as_ref());
     }
     let (peak, peak_name) = match precision {
         Precision::Bf16 => (kiln_tensor::probe::bf16_peak_gflops(), "bf16"),
@@ -138,9 +147,16 @@ pub fn run(c: &BenchCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kiln bench train --dp D [--zero 1]`: data-parallel steps, one thread pool per rank.
-fn bench_train_dp(a: &BenchTrainArgs, dp: usize, k: &dyn Kernels) -> anyhow::Result<()> {
-    let r = kiln_train::bench_data_parallel(&a.preset, a.vocab, a.batch, a.seq, a.warmup, a.steps, dp, a.zero, k)?;
+/// `kiln bench train --dp D --tp T --pp P [--zero 1]`: parallel steps, one thread pool per rank.
+fn bench_train_parallel(a: &BenchTrainArgs, k: &dyn Kernels) -> anyhow::Result<()> {
+    let plan = kiln_train::BenchPlan {
+        dp: a.dp.unwrap_or(1),
+        tp: a.tp.unwrap_or(1),
+        pp: a.pp.unwrap_or(1),
+        micro_batches: a.micro_batches,
+        zero: a.zero,
+    };
+    let r = kiln_train::bench_data_parallel(&a.preset, a.vocab, a.batch, a.seq, a.warmup, a.steps, plan, k)?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["preset"] = a.preset.clone().into();
@@ -149,11 +165,15 @@ fn bench_train_dp(a: &BenchTrainArgs, dp: usize, k: &dyn Kernels) -> anyhow::Res
         println!("{v}");
     } else {
         println!(
-            "kiln bench train: {} (global B={}, T={}), dp {} × {} thread(s), ZeRO-{}",
-            a.preset, a.batch, a.seq, r.dp, r.threads_per_rank, r.zero
+            "kiln bench train: {} (global B={}, T={}), dp {} × tp {} × pp {} ({} micro-batches) × {} thread(s), ZeRO-{}",
+            a.preset, a.batch, a.seq, r.dp, r.tp, r.pp, r.micro_batches, r.threads_per_rank, r.zero
         );
+        let pct = |ms: f64| 100.0 * ms / r.step_ms;
         println!("  tokens/s      {:>10.0}", r.tokens_per_s);
-        println!("  step          {:>10.1} ms  (collectives {:.1} ms)", r.step_ms, r.comm_ms);
+        println!("  step          {:>10.1} ms", r.step_ms);
+        println!("  dp collectives{:>10.1} ms ({:.1}% of the step)", r.comm_ms, pct(r.comm_ms));
+        println!("  tp all-reduce {:>10.1} ms ({:.1}%)", r.tp_comm_ms, pct(r.tp_comm_ms));
+        println!("  pipeline wait {:>10.1} ms ({:.1}%)", r.pipeline_wait_ms, pct(r.pipeline_wait_ms));
         println!("  optimizer     {:>10.1} MB of AdamW moments per rank", r.optimizer_mb_per_rank);
     }
     Ok(())

@@ -93,15 +93,29 @@ pub struct TrainArgs {
     /// Data-parallel ranks (threads sharing the cores); --batch must be divisible by it.
     #[arg(long)]
     pub dp: Option<usize>,
+    /// Tensor-parallel ranks (Megatron-style): each block's attention heads and MLP units
+    /// split over them, one all-reduce after each row-parallel layer. GPT-2 models only; it
+    /// must divide the head count.
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// Pipeline stages: the blocks split into consecutive groups, run with the 1F1B schedule.
+    /// GPT-2 models only; at most the number of blocks.
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Micro-batches each batch is cut into for the pipeline (default: --pp); more of them
+    /// leave the stages idle less (bubble (pp-1)/(M+pp-1)) at the cost of smaller GEMMs.
+    #[arg(long)]
+    pub micro_batches: Option<usize>,
     /// ZeRO stage with --dp: 1 shards the AdamW moments over the ranks.
     #[arg(long)]
     pub zero: Option<u8>,
     /// Seconds a rank waits for a stalled peer before the run fails.
     #[arg(long)]
     pub comm_timeout: Option<u64>,
-    /// How the --dp ranks talk: `threads` (ranks are threads of this process) or `mpi` (one
-    /// process per rank, started by Open MPI: `mpirun -np 2 kiln train --comm mpi --dp 2 ...`;
-    /// needs a kiln built with `--features mpi`).
+    /// How the ranks (dp × tp × pp of them) talk: `threads` (ranks are threads of this
+    /// process) or `mpi` (one process per rank, started by Open MPI:
+    /// `mpirun -np 4 kiln train --comm mpi --dp 2 --tp 2 ...`; needs a kiln built with
+    /// `--features mpi`).
     #[arg(long, default_value = "threads", value_parser = ["threads", "mpi"])]
     pub comm: String,
 }
@@ -135,6 +149,8 @@ impl TrainArgs {
             seed,
             out,
             dp,
+            tp,
+            pp,
             zero,
             loss_scale
         );
@@ -144,7 +160,7 @@ impl TrainArgs {
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { cfg.$f = self.$f.clone(); } )* };
         }
-        set_opt!(data, tokenizer, n_layer, n_head, n_embd, context, metrics, min_lr);
+        set_opt!(data, tokenizer, n_layer, n_head, n_embd, context, metrics, min_lr, micro_batches);
         Ok(())
     }
 }
@@ -238,7 +254,17 @@ fn train(cfg: TrainConfig, resume: Option<kiln_train::Checkpoint>, a: &TrainArgs
         Event::Started { start_step, total_steps, params } => {
             pb.set_position(start_step);
             pb.reset_eta();
-            let plan = if cfg.dp > 1 {
+            let plan = if cfg.is_model_parallel() {
+                format!(
+                    ", parallel dp {} × tp {} × pp {} = {} ranks ({engine}), {} pipeline micro-batches, ZeRO-{}",
+                    cfg.dp,
+                    cfg.tp,
+                    cfg.pp,
+                    cfg.world_size(),
+                    cfg.pipeline_micro_batches(),
+                    cfg.zero
+                )
+            } else if cfg.dp > 1 {
                 format!(", data parallel {} ranks ({engine}), ZeRO-{}", cfg.dp, cfg.zero)
             } else {
                 String::new()

@@ -80,9 +80,78 @@ fn mpi_ranks_train_exactly_as_thread_ranks() {
     ok(kiln(&a));
     assert_eq!(losses(&mpi).len(), 8);
 
-    // More processes than --dp: a clear error, not a hang.
+    // Tensor and pipeline parallel over four processes: the thread engine's steps, bit for bit.
+    for plan in [["--tp", "2", "--pp", "2"], ["--dp", "2", "--pp", "2"]] {
+        let name = plan.join("");
+        let (threads, mpi) = (root.join(format!("threads{name}")), root.join(format!("mpi{name}")));
+        ok(kiln(&train(&threads, &plan)));
+        let mut extra = plan.to_vec();
+        extra.extend(["--comm", "mpi"]);
+        let out = ok(mpirun(4, &train(&mpi, &extra)));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("= 4 ranks (mpi)"), "rank 0 should say how it runs:\n{err}");
+        assert_eq!(losses(&mpi), losses(&threads), "{name}: MPI ranks diverged from thread ranks");
+    }
+
+    // Fewer processes than the plan's ranks: a clear error, not a hang.
     let out = mpirun(2, &train(&root.join("bad"), &["--dp", "4", "--comm", "mpi"]));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--dp 4 but 2 process(es) were started"), "{err}");
+    assert!(err.contains("needs 4 process(es), but 2 were started"), "{err}");
+}
+
+/// One rank of a tp=2 × pp=2 run is killed (SIGKILL) mid-run: mpirun ends the job with a
+/// non-zero exit, long before the collective timeout would, and the survivors do not hang.
+#[test]
+fn a_killed_rank_ends_the_mpi_run() {
+    if Command::new("mpirun").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        eprintln!("SKIPPED: mpirun is not on PATH (apt-get install openmpi-bin libopenmpi-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (corpus, tok, data, out) =
+        (root.join("corpus.txt"), root.join("tok.json"), root.join("data"), root.join("run"));
+    ok(kiln(&v(&["data", "synth", "--out", s(&corpus), "--bytes", "200000"])));
+    ok(kiln(&v(&["tokenizer", "train", "--input", s(&corpus), "--vocab-size", "300", "--out", s(&tok)])));
+    ok(kiln(&v(&["data", "prepare", "--input", s(&corpus), "--tokenizer", s(&tok), "--out", s(&data)])));
+    let mut a = v(&["train", "--data", s(&data), "--preset", "gpt-tiny", "--steps", "100000", "--batch", "4"]);
+    a.extend(v(&["--seq", "16", "--sample-tokens", "0", "--threads", "1", "--out", s(&out), "--comm-timeout", "60"]));
+    a.extend(v(&["--tp", "2", "--pp", "2", "--comm", "mpi"]));
+    let mut job = Command::new("mpirun")
+        .args(["-np", "4", "--oversubscribe", "--allow-run-as-root", "--mca", "btl", "self,vader"])
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(&a)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.join("stderr.txt")).unwrap())
+        .spawn()
+        .expect("mpirun starts");
+    // Wait until training is under way (metrics lines appear), then kill the last rank.
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let children = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().expect("pgrep");
+    let pids: Vec<String> = String::from_utf8_lossy(&children.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(pids.len(), 4, "four rank processes under mpirun: {pids:?}");
+    let killed = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-9", &pids[3]]).status().unwrap().success());
+    let status = loop {
+        if let Some(st) = job.try_wait().unwrap() {
+            break st;
+        }
+        if killed.elapsed().as_secs() > 60 {
+            job.kill().ok();
+            panic!("the job was still running 60 s after a rank was killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let err = std::fs::read_to_string(root.join("stderr.txt")).unwrap();
+    assert!(!status.success(), "a killed rank must fail the job:\n{err}");
+    eprintln!("job ended {:?} after the kill, exit {:?}", killed.elapsed(), status.code());
 }

@@ -51,8 +51,14 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Metrics JSONL; defaults to `<out>/metrics.jsonl`.
     pub metrics: Option<PathBuf>,
-    /// Data-parallel ranks (threads of this process); `batch` is split over them.
+    /// Data-parallel ranks; `batch` is split over them.
     pub dp: usize,
+    /// Tensor-parallel ranks: each layer's heads and MLP units split over them (Megatron).
+    pub tp: usize,
+    /// Pipeline stages: the layers split into `pp` consecutive groups.
+    pub pp: usize,
+    /// Pipeline micro-batches per (accumulation) micro-batch, run 1F1B; defaults to `pp`.
+    pub micro_batches: Option<usize>,
     /// ZeRO stage: 0 (every rank holds all AdamW moments) or 1 (moments sharded over dp).
     pub zero: u8,
     /// Seconds a rank waits at a collective before giving up on a stalled peer.
@@ -93,6 +99,9 @@ impl Default for TrainConfig {
             out: PathBuf::from("runs/kiln"),
             metrics: None,
             dp: 1,
+            tp: 1,
+            pp: 1,
+            micro_batches: None,
             zero: 0,
             comm_timeout_s: 300,
         }
@@ -106,6 +115,21 @@ impl TrainConfig {
 
     pub fn metrics_path(&self) -> PathBuf {
         self.metrics.clone().unwrap_or_else(|| self.out.join("metrics.jsonl"))
+    }
+
+    /// Pipeline micro-batches each accumulation micro-batch is cut into.
+    pub fn pipeline_micro_batches(&self) -> usize {
+        self.micro_batches.unwrap_or(self.pp)
+    }
+
+    /// Ranks the plan needs: dp · tp · pp.
+    pub fn world_size(&self) -> usize {
+        self.dp * self.tp * self.pp
+    }
+
+    /// Whether the model is cut into shards (tensor or pipeline parallel).
+    pub fn is_model_parallel(&self) -> bool {
+        self.tp * self.pp > 1
     }
 
     pub fn min_lr(&self) -> f32 {
@@ -148,13 +172,22 @@ impl TrainConfig {
         if self.eval_every == 0 {
             return bad("--eval-every must be at least 1");
         }
-        if self.dp == 0 {
-            return bad("--dp must be at least 1");
+        if self.dp == 0 || self.tp == 0 || self.pp == 0 || self.micro_batches == Some(0) {
+            return bad("--dp, --tp, --pp and --micro-batches must be at least 1");
         }
         if !self.batch.is_multiple_of(self.dp) {
             return Err(TrainError::Config(format!(
                 "--batch {} must be divisible by --dp {}: each rank takes an equal share of every micro-batch",
                 self.batch, self.dp
+            )));
+        }
+        let m = self.pipeline_micro_batches();
+        if !(self.batch / self.dp).is_multiple_of(m) {
+            return Err(TrainError::Config(format!(
+                "--batch {} over --dp {} leaves {} rows per rank, which --micro-batches {m} must divide",
+                self.batch,
+                self.dp,
+                self.batch / self.dp
             )));
         }
         if self.zero > 1 {

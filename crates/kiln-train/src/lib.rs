@@ -14,7 +14,7 @@ mod trainer;
 pub use checkpoint::{load_checkpoint, resolve_checkpoint_dir, save_checkpoint, Checkpoint, TrainingState};
 pub use config::TrainConfig;
 pub use optim::{lr_at, AdamW};
-pub use parallel::{bench_data_parallel, DpBench};
+pub use parallel::{bench_data_parallel, BenchPlan, DpBench};
 pub use precision::{kernels_for, LossScaler, Precision};
 pub use trainer::{evaluate, Event, StepMetrics, Trainer};
 

@@ -22,14 +22,17 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_comm::{shard_range, Comm, ReduceOp, ThreadComm};
+use kiln_comm::{shard_range, Comm, Plan, ReduceOp, ThreadComm};
 use kiln_data::{BatchSampler, Dataset};
 use kiln_model::TrainableLm;
 use kiln_tensor::Kernels;
 
 use crate::optim::{clip_scale, step_params};
-use crate::trainer::checkpoint_due;
+use crate::trainer::{checkpoint_due, eval_due};
+
+mod model_parallel;
 use crate::{lr_at, AdamW, Event, LossScaler, TrainConfig, TrainError, Trainer};
+use model_parallel::{cut_moments, shard_of, ModelParallel, TimedComm};
 
 /// Floats per gradient bucket (4 MB): enough to amortise a collective's barriers, small enough
 /// that the staging buffer stays small.
@@ -122,22 +125,14 @@ pub(crate) struct DpRank {
     pub comm_secs: f64,
     /// Gradient buckets handed to the communication thread while backward was still running.
     pub early_buckets: usize,
+    /// Tensor or pipeline parallel: the shard's side of the plan.
+    mp: Option<ModelParallel>,
 }
 
 impl DpRank {
-    /// A rank whose kernels run on `threads` threads; with `zero`, its shard of `opt` is copied
-    /// out (the caller may then drop the full moments).
-    fn new(
-        comm: Box<dyn Comm>,
-        threads: usize,
-        model: &dyn TrainableLm,
-        opt: &AdamW,
-        zero: bool,
-        cfg: &TrainConfig,
-    ) -> Result<DpRank, TrainError> {
-        Self::with_bucket(comm, threads, model, opt, zero, cfg, BUCKET)
-    }
-
+    /// A rank whose kernels run on `threads` threads (named after `world_rank`), with
+    /// gradient buckets of `bucket` floats; with `zero`, its shard of `opt` is copied out (the
+    /// caller may then drop the full moments).
     #[allow(clippy::too_many_arguments)]
     fn with_bucket(
         comm: Box<dyn Comm>,
@@ -147,11 +142,12 @@ impl DpRank {
         zero: bool,
         cfg: &TrainConfig,
         bucket: usize,
+        world_rank: usize,
     ) -> Result<DpRank, TrainError> {
         let (d, r) = (comm.size(), comm.rank());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
-            .thread_name(move |i| format!("kiln-dp{r}-{i}"))
+            .thread_name(move |i| format!("kiln-rank{world_rank}-{i}"))
             .build()
             .map_err(|e| TrainError::Parallel(format!("cannot start a rank's thread pool: {e}")))?;
         let layout = Layout::new(model, bucket);
@@ -187,6 +183,7 @@ impl DpRank {
             y: vec![0; n],
             comm_secs: 0.0,
             early_buckets: 0,
+            mp: None,
         })
     }
 
@@ -221,6 +218,9 @@ impl DpRank {
         next_batch: &mut NextBatch,
         scaler: Option<&mut LossScaler>,
     ) -> Result<(f32, f32, bool), TrainError> {
+        if self.mp.is_some() {
+            return self.step_model_parallel(model, opt, k, cfg, lr, next_batch, scaler);
+        }
         let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
         let (d, r) = (self.comm.size(), self.comm.rank());
         let (bl, t) = (cfg.batch / d, cfg.seq);
@@ -413,6 +413,24 @@ impl DpRank {
     pub fn is_zero(&self) -> bool {
         self.zero.is_some()
     }
+
+    /// The whole plan's group: the world of a model-parallel rank, else the dp group.
+    fn world(&self) -> &dyn Comm {
+        self.mp.as_ref().map_or(self.comm.as_ref(), |m| m.world())
+    }
+
+    fn world_barrier(&self) -> Result<(), TrainError> {
+        Ok(self.world().barrier()?)
+    }
+
+    /// Element-wise maximum over every rank of the plan.
+    fn world_max(&self, v: &mut [f64]) -> Result<(), TrainError> {
+        Ok(self.world().all_reduce_f64(v, ReduceOp::Max)?)
+    }
+
+    fn pipeline_secs(&self) -> f64 {
+        self.mp.as_ref().map_or(0.0, |m| m.pipeline_secs)
+    }
 }
 
 /// A copy of `model`'s parameters in a model of its own.
@@ -429,6 +447,71 @@ fn threads_per_rank(d: usize) -> usize {
     (rayon::current_num_threads() / d).max(1)
 }
 
+/// The plan a config asks for.
+fn plan_of(cfg: &TrainConfig) -> Plan {
+    Plan { dp: cfg.dp, tp: cfg.tp, pp: cfg.pp }
+}
+
+/// What world rank `w` trains: a replica of the whole model (data parallel only) or its shard,
+/// with the moments cut to match.
+fn rank_start(
+    plan: Plan,
+    w: usize,
+    model: &dyn TrainableLm,
+    opt: &AdamW,
+) -> Result<(Box<dyn TrainableLm>, AdamW), TrainError> {
+    if plan.tp * plan.pp == 1 {
+        return Ok((replica(model)?, opt.clone()));
+    }
+    let shard = model.to_shard(shard_of(plan, w))?;
+    let moments = cut_moments(model, opt, shard.as_ref())?;
+    Ok((shard, moments))
+}
+
+/// Builds world rank `world.rank()`'s side of `plan` (collective over `world`: the plan's
+/// groups are split from it). `model` and `opt` are what the rank trains, except on a rank 0
+/// that keeps the whole model for evaluation and checkpoints and trains `local`, its shard.
+/// Under ZeRO-1 the moments of what it trains move into the rank's shard of them.
+#[allow(clippy::too_many_arguments)]
+fn build_rank(
+    world: Box<dyn Comm>,
+    plan: Plan,
+    threads: usize,
+    model: &mut dyn TrainableLm,
+    opt: &mut AdamW,
+    mut local: Option<(Box<dyn TrainableLm>, AdamW)>,
+    cfg: &TrainConfig,
+    timed_tp: Option<&TimedComm>,
+) -> Result<DpRank, TrainError> {
+    let (zero, w) = (cfg.zero == 1, world.rank());
+    if plan.tp * plan.pp == 1 {
+        let rank = DpRank::with_bucket(world, threads, model, opt, zero, cfg, BUCKET, w)?;
+        if zero {
+            opt.m = Vec::new();
+            opt.v = Vec::new();
+        }
+        return Ok(rank);
+    }
+    let g = plan.groups(world.as_ref())?;
+    let (shard, shard_opt): (&mut dyn TrainableLm, &mut AdamW) = match local.as_mut() {
+        Some((m, o)) => (m.as_mut(), o),
+        None => (model, opt),
+    };
+    let tp = match timed_tp {
+        Some(t) => Box::new(t.wrap(g.tp)),
+        None => g.tp,
+    };
+    shard.set_tp_group(tp)?;
+    let mut rank = DpRank::with_bucket(g.dp, threads, shard, shard_opt, zero, cfg, BUCKET, w)?;
+    if zero {
+        shard_opt.m = Vec::new();
+        shard_opt.v = Vec::new();
+    }
+    let owned = shard.param_slices().iter().map(|s| s.owned(g.coords.tp)).collect();
+    rank.mp = Some(ModelParallel::new(plan, world, g.pp, owned, local));
+    Ok(rank)
+}
+
 /// A rank other than 0: trains its model in lockstep with rank 0 and does no I/O.
 struct Worker {
     rank: DpRank,
@@ -440,10 +523,12 @@ struct Worker {
     cfg: TrainConfig,
     start: u64,
     stop: u64,
+    /// Whether rank 0 evaluates (it has validation data): a sharded model is gathered for it.
+    evaluates: bool,
 }
 
 impl Worker {
-    /// Trains `model` with `opt` (this rank's replica and optimizer state).
+    /// Trains `model` with `opt` (this rank's replica or shard and its optimizer state).
     fn run(mut self, model: &mut dyn TrainableLm, opt: &mut AdamW) -> Result<(), TrainError> {
         let (cfg, data) = (&self.cfg, &self.data);
         for step in self.start..self.stop {
@@ -459,63 +544,72 @@ impl Worker {
                 &mut next,
                 self.scaler.as_mut(),
             )?;
-            // Rank 0 gathers the moments to checkpoint them: take part.
-            if checkpoint_due(step + 1, self.stop, cfg) {
+            // Rank 0 gathers what it evaluates and checkpoints: take part.
+            let checkpoint = checkpoint_due(step + 1, self.stop, cfg);
+            if self.rank.is_model_parallel() {
+                if checkpoint || (self.evaluates && eval_due(step + 1, cfg)) {
+                    self.rank.gather_whole_model(model, opt)?;
+                }
+            } else if checkpoint {
                 self.rank.gather_moments(model, false)?;
             }
         }
-        self.rank.gather_moments(model, false)?;
+        if !self.rank.is_model_parallel() {
+            self.rank.gather_moments(model, false)?;
+        }
         Ok(())
     }
 }
 
-/// `Trainer::run_until` for `cfg.dp > 1`: ranks 1.. run on scoped threads, rank 0 on this
-/// thread (it logs, evaluates and checkpoints through `on_event`).
+/// `Trainer::run_until` for a plan of more than one rank: ranks 1.. run on scoped threads,
+/// rank 0 on this thread (it logs, evaluates and checkpoints through `on_event`).
 pub(crate) fn run_data_parallel(
     tr: &mut Trainer,
     stop: u64,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<(), TrainError> {
     let cfg = tr.cfg.clone();
-    let d = cfg.dp;
+    let plan = plan_of(&cfg);
+    let n = plan.world_size();
     let stop = stop.min(cfg.steps);
-    let zero = cfg.zero == 1;
-    let threads = threads_per_rank(d);
-    let mut ranks = Vec::with_capacity(d);
-    for c in ThreadComm::group(d, Duration::from_secs(cfg.comm_timeout_s)) {
-        ranks.push(DpRank::new(Box::new(c), threads, tr.model.as_ref(), &tr.opt, zero, &cfg)?);
+    let threads = threads_per_rank(n);
+    let mut comms = ThreadComm::group(n, Duration::from_secs(cfg.comm_timeout_s)).into_iter();
+    let comm0 = comms.next().expect("a world of at least one rank");
+    let mut workers = Vec::with_capacity(n - 1);
+    for (w, comm) in (1..n).zip(comms) {
+        let start = rank_start(plan, w, tr.model.as_ref(), &tr.opt)?;
+        let worker = (
+            BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
+            tr.data.clone(),
+            tr.kernels.clone(),
+            tr.scaler.clone(),
+        );
+        workers.push((comm, start, worker));
     }
-    let mut workers = Vec::with_capacity(d - 1);
-    for rank in ranks.drain(1..) {
-        let model = replica(tr.model.as_ref())?;
-        let opt = if zero { AdamW { m: Vec::new(), v: Vec::new(), t: tr.opt.t } } else { tr.opt.clone() };
-        let worker = Worker {
-            rank,
-            sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
-            data: tr.data.clone(),
-            kernels: tr.kernels.clone(),
-            scaler: tr.scaler.clone(),
-            cfg: cfg.clone(),
-            start: tr.step,
-            stop,
-        };
-        workers.push((worker, model, opt));
-    }
-    if zero {
-        // The shards now hold the moments; rank 0 keeps none of the rest (ZeRO's saving).
-        tr.opt.m = Vec::new();
-        tr.opt.v = Vec::new();
-    }
-    tr.dp = ranks.pop();
+    let local = if cfg.is_model_parallel() { Some(rank_start(plan, 0, tr.model.as_ref(), &tr.opt)?) } else { None };
+    let evaluates = tr.evaluates();
+    let start_step = tr.step;
     std::thread::scope(|s| {
-        let handles: Vec<_> =
-            workers.into_iter().map(|(w, mut m, mut o)| s.spawn(move || w.run(m.as_mut(), &mut o))).collect();
-        let mut r0 = tr.run_loop(stop, on_event);
+        let handles: Vec<_> = workers
+            .into_iter()
+            .map(|(comm, (mut model, mut opt), (sampler, data, kernels, scaler))| {
+                let cfg = cfg.clone();
+                s.spawn(move || -> Result<(), TrainError> {
+                    let rank = build_rank(Box::new(comm), plan, threads, model.as_mut(), &mut opt, None, &cfg, None)?;
+                    let w = Worker { rank, sampler, data, kernels, scaler, cfg, start: start_step, stop, evaluates };
+                    w.run(model.as_mut(), &mut opt)
+                })
+            })
+            .collect();
+        let mut r0 = build_rank(Box::new(comm0), plan, threads, tr.model.as_mut(), &mut tr.opt, local, &cfg, None)
+            .map(|rank| tr.dp = Some(rank));
+        if r0.is_ok() {
+            r0 = tr.run_loop(stop, on_event);
+        }
         if r0.is_ok() {
             r0 = tr.finish_data_parallel();
         }
-        // Leaving now (not at the join) lets waiting ranks fail at once if rank 0 failed.
-        tr.dp = None;
+        tr.leave_parallel(r0.is_ok());
         let others: Vec<Result<(), TrainError>> = handles
             .into_iter()
             .enumerate()
@@ -545,43 +639,55 @@ pub(crate) fn run_as_rank(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<(), TrainError> {
     let cfg = tr.cfg.clone();
-    if comm.size() != cfg.dp {
+    let plan = plan_of(&cfg);
+    if comm.size() != plan.world_size() {
+        let n = plan.world_size();
         return Err(TrainError::Config(format!(
-            "--dp {} but {} process(es) were started: launch one per rank, e.g. `mpirun -np {} kiln train --comm mpi --dp {} ...`",
+            "--dp {} × --tp {} × --pp {} needs {n} process(es), but {} were started: launch one per rank, e.g. `mpirun -np {n} kiln train --comm mpi --dp {} --tp {} --pp {} ...`",
             cfg.dp,
+            cfg.tp,
+            cfg.pp,
             comm.size(),
             cfg.dp,
-            cfg.dp
+            cfg.tp,
+            cfg.pp
         )));
     }
     let stop = stop.min(cfg.steps);
-    let zero = cfg.zero == 1;
-    let rank = DpRank::new(comm, rayon::current_num_threads(), tr.model.as_ref(), &tr.opt, zero, &cfg)?;
-    if zero {
-        // The shard now holds this rank's moments; the rest go (ZeRO's saving, on every rank).
-        tr.opt.m = Vec::new();
-        tr.opt.v = Vec::new();
-    }
-    if rank.comm.rank() != 0 {
-        // This process is the rank: it trains the trainer's own model and optimizer state.
+    let threads = rayon::current_num_threads();
+    let w = comm.rank();
+    if w != 0 {
+        // This process is the rank: it trains the trainer's own model (or its shard of it).
+        let sampler = BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq);
+        let evaluates = tr.evaluates();
+        let mut shard =
+            if cfg.is_model_parallel() { Some(rank_start(plan, w, tr.model.as_ref(), &tr.opt)?) } else { None };
+        let (model, opt): (&mut dyn TrainableLm, &mut AdamW) = match shard.as_mut() {
+            Some((m, o)) => (m.as_mut(), o),
+            None => (tr.model.as_mut(), &mut tr.opt),
+        };
+        let rank = build_rank(comm, plan, threads, model, opt, None, &cfg, None)?;
         let worker = Worker {
-            sampler: BatchSampler::from_state(tr.sampler_state(), cfg.batch, cfg.seq),
+            sampler,
             data: tr.data.clone(),
             kernels: tr.kernels.clone(),
             scaler: tr.scaler.clone(),
+            evaluates,
             cfg,
             start: tr.step,
             stop,
             rank,
         };
-        return worker.run(tr.model.as_mut(), &mut tr.opt);
+        return worker.run(model, opt);
     }
+    let local = if cfg.is_model_parallel() { Some(rank_start(plan, 0, tr.model.as_ref(), &tr.opt)?) } else { None };
+    let rank = build_rank(comm, plan, threads, tr.model.as_mut(), &mut tr.opt, local, &cfg, None)?;
     tr.dp = Some(rank);
     let mut r = tr.run_loop(stop, on_event);
     if r.is_ok() {
         r = tr.finish_data_parallel();
     }
-    tr.dp = None;
+    tr.leave_parallel(r.is_ok());
     r
 }
 
@@ -601,22 +707,41 @@ fn first_cause(r0: Result<(), TrainError>, others: Vec<Result<(), TrainError>>) 
     Err(all.swap_remove(pos))
 }
 
-/// One data-parallel training-step benchmark result.
+/// One parallel training-step benchmark result.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DpBench {
     pub dp: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub micro_batches: usize,
     pub zero: u8,
     pub threads_per_rank: usize,
     pub tokens_per_s: f64,
     pub step_ms: f64,
-    /// Time in collectives per step (the slowest rank), including waiting for slower ranks.
+    /// Time in data-parallel collectives and the global loss/norm reduction per step (the
+    /// slowest rank), including waiting for slower ranks.
     pub comm_ms: f64,
+    /// Time in the tensor-parallel all-reduces per step (the slowest rank).
+    pub tp_comm_ms: f64,
+    /// Time a pipeline stage waits for its neighbours' activations and gradients per step
+    /// (the slowest rank): the pipeline bubble plus the transfers.
+    pub pipeline_wait_ms: f64,
     /// AdamW moments held by one rank.
     pub optimizer_mb_per_rank: f64,
 }
 
-/// Times `steps` data-parallel training steps (after `warmup`) on random tokens, each of `dp`
-/// ranks a thread with its share of the cores; batch is the global micro-batch.
+/// A plan to benchmark: `dp × tp × pp` ranks, pipeline micro-batches (None: pp), ZeRO stage.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchPlan {
+    pub dp: usize,
+    pub tp: usize,
+    pub pp: usize,
+    pub micro_batches: Option<usize>,
+    pub zero: u8,
+}
+
+/// Times `steps` parallel training steps (after `warmup`) on random tokens, each rank a thread
+/// with its share of the cores; batch is the global micro-batch.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_data_parallel(
     preset: &str,
@@ -625,62 +750,70 @@ pub fn bench_data_parallel(
     seq: usize,
     warmup: usize,
     steps: usize,
-    dp: usize,
-    zero: u8,
+    plan: BenchPlan,
     k: &dyn Kernels,
 ) -> Result<DpBench, TrainError> {
     use rand::{Rng, SeedableRng};
-    let cfg = TrainConfig { batch, seq, dp, zero, ..Default::default() };
+    let BenchPlan { dp, tp, pp, micro_batches, zero } = plan;
+    let cfg = TrainConfig { batch, seq, dp, tp, pp, micro_batches, zero, ..Default::default() };
     cfg.validate()?;
     if steps == 0 {
         return Err(TrainError::Config("--steps must be at least 1".into()));
     }
-    let threads = threads_per_rank(dp);
-    let results = ThreadComm::launch(dp, Duration::from_secs(cfg.comm_timeout_s), |c| -> Result<_, TrainError> {
-        let mut model = kiln_model::new_trainable(preset, vocab, Default::default(), 1)?;
-        let v = model.vocab_size() as u32;
-        let mut opt = AdamW::new(model.as_ref());
-        let mut rank = DpRank::new(Box::new(c), threads, model.as_ref(), &opt, zero == 1, &cfg)?;
-        if zero == 1 {
-            opt.m = Vec::new();
-            opt.v = Vec::new();
-        }
+    let world = plan_of(&cfg);
+    let threads = threads_per_rank(world.world_size());
+    let timeout = Duration::from_secs(cfg.comm_timeout_s);
+    let results = ThreadComm::launch(world.world_size(), timeout, |c| -> Result<_, TrainError> {
+        let w = c.rank();
+        let full = kiln_model::new_trainable(preset, vocab, Default::default(), 1)?;
+        let v = full.vocab_size() as u32;
+        let full_opt = AdamW::new(full.as_ref());
+        let (mut model, mut opt) =
+            if cfg.is_model_parallel() { rank_start(world, w, full.as_ref(), &full_opt)? } else { (full, full_opt) };
+        let tp_time = TimedComm::default();
+        let mut rank = build_rank(Box::new(c), world, threads, model.as_mut(), &mut opt, None, &cfg, Some(&tp_time))?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let mut next = |x: &mut [u32], y: &mut [u32]| {
             x.iter_mut().chain(y.iter_mut()).for_each(|t| *t = rng.random_range(0..v));
             Ok(())
         };
-        let (mut times, mut comm) = (Vec::new(), Vec::new());
+        let mut times = Vec::new();
         for i in 0..warmup + steps {
-            rank.comm.barrier()?;
-            let (t0, c0) = (Instant::now(), rank.comm_secs);
+            rank.world_barrier()?;
+            let (t0, c0, tp0, pp0) = (Instant::now(), rank.comm_secs, tp_time.secs(), rank.pipeline_secs());
             rank.step(model.as_mut(), &mut opt, k, &cfg, 1e-4, &mut next, None)?;
-            let mut dt = [t0.elapsed().as_secs_f64(), rank.comm_secs - c0];
-            rank.comm.all_reduce_f64(&mut dt, ReduceOp::Max)?;
+            let mut dt =
+                [t0.elapsed().as_secs_f64(), rank.comm_secs - c0, tp_time.secs() - tp0, rank.pipeline_secs() - pp0];
+            rank.world_max(&mut dt)?;
             if i >= warmup {
-                times.push(dt[0]);
-                comm.push(dt[1]);
+                times.push(dt);
             }
         }
-        Ok((times, comm, rank.optimizer_bytes(&opt)))
+        Ok((times, rank.optimizer_bytes(&opt)))
     });
     let mut out = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
         out.push(r.map_err(|_| TrainError::RankPanicked { rank: i, msg: "in the benchmark".into() })??);
     }
-    let (mut times, mut comm, opt_bytes) = out.swap_remove(0);
-    let median = |v: &mut Vec<f64>| {
+    let (times, opt_bytes) = out.swap_remove(0);
+    let median = |j: usize| {
+        let mut v: Vec<f64> = times.iter().map(|t| t[j]).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let step_s = median(&mut times);
+    let step_s = median(0);
     Ok(DpBench {
         dp,
+        tp,
+        pp,
+        micro_batches: cfg.pipeline_micro_batches(),
         zero,
         threads_per_rank: threads,
         tokens_per_s: (batch * seq) as f64 / step_s,
         step_ms: step_s * 1e3,
-        comm_ms: median(&mut comm) * 1e3,
+        comm_ms: median(1) * 1e3,
+        tp_comm_ms: median(2) * 1e3,
+        pipeline_wait_ms: median(3) * 1e3,
         optimizer_mb_per_rank: opt_bytes as f64 / 1e6,
     })
 }
@@ -700,7 +833,7 @@ mod tests {
             let out = ThreadComm::launch(2, Duration::from_secs(30), |c| -> Result<_, TrainError> {
                 let mut model = kiln_model::new_trainable("gpt-tiny", Some(97), Default::default(), 1)?;
                 let mut opt = AdamW::new(model.as_ref());
-                let mut rank = DpRank::with_bucket(Box::new(c), 1, model.as_ref(), &opt, zero, &cfg, 4096)?;
+                let mut rank = DpRank::with_bucket(Box::new(c), 1, model.as_ref(), &opt, zero, &cfg, 4096, 0)?;
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
                 let mut next = |x: &mut [u32], y: &mut [u32]| {
                     x.iter_mut().chain(y.iter_mut()).for_each(|v| *v = rng.random_range(0..97));

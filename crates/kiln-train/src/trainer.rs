@@ -86,6 +86,11 @@ pub(crate) fn checkpoint_due(step: u64, stop: u64, cfg: &TrainConfig) -> bool {
     step == stop || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every))
 }
 
+/// Whether rank 0 evaluates after step `step` (when it has validation data).
+pub(crate) fn eval_due(step: u64, cfg: &TrainConfig) -> bool {
+    step.is_multiple_of(cfg.eval_every) || step == cfg.steps
+}
+
 impl Trainer {
     /// The freshly initialised model a training config asks for (GPT-2 or Llama family by
     /// preset), sized to the tokenizer.
@@ -205,17 +210,41 @@ impl Trainer {
     pub fn save(&self) -> Result<(), TrainError> {
         if self.opt.m.len() != self.model.params().len() {
             return Err(TrainError::Parallel(
-                "the AdamW moments were sharded over ranks of a data-parallel run that failed: nothing to save".into(),
+                "the model or its AdamW moments were sharded over the ranks of a parallel run that failed: nothing to save".into(),
             ));
         }
         save_checkpoint(&self.checkpoint_dir(), self.model.as_ref(), &self.opt, &self.state(), &self.tokenizer)
+    }
+
+    /// Whether rank 0 evaluates: it has validation data (the other ranks join the gathers).
+    pub(crate) fn evaluates(&self) -> bool {
+        self.data.val.len() > self.cfg.seq && self.cfg.eval_batches > 0
+    }
+
+    /// Tensor or pipeline parallel: brings `model` and `opt` up to date from the ranks' shards
+    /// (a collective: every rank joins after the same steps).
+    fn gather_shards(&mut self) -> Result<(), TrainError> {
+        match self.dp.as_mut() {
+            Some(rank) if rank.is_model_parallel() => rank.gather_whole_model(self.model.as_mut(), &mut self.opt),
+            _ => Ok(()),
+        }
+    }
+
+    /// Leaves a parallel run (a failed one leaves nothing that could be saved as if whole).
+    pub(crate) fn leave_parallel(&mut self, ok: bool) {
+        // Leaving now (not at the join) lets waiting ranks fail at once if rank 0 failed.
+        if self.dp.take().is_some_and(|r| r.is_model_parallel()) && !ok {
+            // The whole model is older than the step count: refuse to checkpoint it.
+            self.opt.m = Vec::new();
+            self.opt.v = Vec::new();
+        }
     }
 
     /// `save`, gathering the moments first when ZeRO-1 holds them sharded (a collective).
     fn save_now(&mut self) -> Result<(), TrainError> {
         let state = self.state();
         match self.dp.as_mut() {
-            Some(rank) if rank.is_zero() => {
+            Some(rank) if rank.is_zero() && !rank.is_model_parallel() => {
                 let full = rank.gather_moments(self.model.as_ref(), true)?.expect("kept");
                 save_checkpoint(&self.checkpoint_dir(), self.model.as_ref(), &full, &state, &self.tokenizer)
             }
@@ -225,8 +254,8 @@ impl Trainer {
 
     /// Ends a data-parallel run: under ZeRO-1 the moments come back to `self.opt`.
     pub(crate) fn finish_data_parallel(&mut self) -> Result<(), TrainError> {
-        if let Some(full) = self.dp.as_mut().map(|r| r.gather_moments(self.model.as_ref(), true)).transpose()?.flatten()
-        {
+        let rank = self.dp.as_mut().filter(|r| !r.is_model_parallel());
+        if let Some(full) = rank.map(|r| r.gather_moments(self.model.as_ref(), true)).transpose()?.flatten() {
             self.opt = full;
         }
         Ok(())
@@ -291,7 +320,7 @@ impl Trainer {
     /// and resumed continues exactly as if it had never stopped.
     pub fn run_until(&mut self, stop: u64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         self.cfg.validate()?;
-        if self.cfg.dp > 1 {
+        if self.cfg.world_size() > 1 {
             return run_data_parallel(self, stop, on_event);
         }
         self.run_loop(stop, on_event)
@@ -349,7 +378,11 @@ impl Trainer {
                 skipped,
             };
             let mut samples = Vec::new();
-            if !val.is_empty() && (self.step.is_multiple_of(cfg.eval_every) || self.step == cfg.steps) {
+            let evaluate_now = !val.is_empty() && eval_due(self.step, &cfg);
+            if evaluate_now || checkpoint_due(self.step, stop, &cfg) {
+                self.gather_shards()?;
+            }
+            if evaluate_now {
                 m.val_loss = Some(evaluate(self.model.as_mut(), self.kernels.as_ref(), &val, b, t)?);
                 samples = self.samples()?;
             }

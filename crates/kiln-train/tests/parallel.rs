@@ -104,6 +104,36 @@ fn data_parallel_and_zero1_match_the_single_rank_run() {
     assert_close("dp=2 grad-accum 2", &run(&accum("dp2-acc", 2), &tok, &data), &single_acc);
 }
 
+/// Tensor parallelism (heads and MLP units split over 2 ranks), pipeline parallelism (2
+/// stages, 1F1B) and their products with data parallelism and ZeRO-1 train the same 10 steps
+/// as one rank; evaluation and the final checkpoint see the gathered whole model.
+#[test]
+fn tensor_and_pipeline_parallel_match_the_single_rank_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let single = run(&base_cfg(tmp.path(), "single"), &tok, &data);
+    let plan = |name: &str, dp, tp, pp, zero| TrainConfig { dp, tp, pp, zero, ..base_cfg(tmp.path(), name) };
+    for (name, dp, tp, pp, zero) in [
+        ("tp2", 1, 2, 1, 0),
+        ("pp2", 1, 1, 2, 0),
+        ("dp2xtp2", 2, 2, 1, 0),
+        ("dp2xpp2", 2, 1, 2, 0),
+        ("tp2xpp2", 1, 2, 2, 1),
+    ] {
+        let cfg = plan(name, dp, tp, pp, zero);
+        let got = run(&cfg, &tok, &data);
+        assert_close(&format!("dp={dp} tp={tp} pp={pp} zero={zero}"), &got, &single);
+        // The checkpoint is the whole model, by name, as a single rank writes it.
+        let ck = load_checkpoint(&cfg.out).unwrap();
+        assert_eq!(ck.model.param_info().len(), 2 + 2 * 12 + 2, "{name}: every tensor of gpt-tiny");
+    }
+    // More micro-batches than stages, with gradient accumulation on top.
+    let accum =
+        |name: &str, pp, micro| TrainConfig { grad_accum: 2, pp, micro_batches: micro, ..base_cfg(tmp.path(), name) };
+    let single_acc = run(&accum("single-acc", 1, None), &tok, &data);
+    assert_close("pp=2 M=4 grad-accum 2", &run(&accum("pp2-m4", 2, Some(4)), &tok, &data), &single_acc);
+}
+
 /// bf16 composes with data parallelism. The bound is wider than f32's: after the first step
 /// the ranks' weights differ from the single rank's by f32 ulps (reordered gradient sums), and a
 /// weight that sits on a bf16 rounding boundary can then round the other way (one bf16 ulp,
@@ -207,6 +237,59 @@ fn zero1_matches_on_a_small_gpt_s_shape() {
         let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
         let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().max(1e-30);
         assert!((num / den).sqrt() < 1e-4, "{}: second moment differs by {:e}", info.name, (num / den).sqrt());
+    }
+}
+
+/// The gpt-s shape (3 blocks, 6 heads of 16) under tensor and pipeline parallelism: 3 heads
+/// per tp rank, and 2 + 1 blocks over two stages.
+#[test]
+fn tensor_and_pipeline_parallel_match_on_a_small_gpt_s_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let shape = |name: &str, dp, tp, pp| TrainConfig {
+        preset: "gpt-s".into(),
+        n_layer: Some(3),
+        n_embd: Some(96),
+        n_head: Some(6),
+        context: Some(64),
+        batch: 4,
+        seq: 48,
+        dp,
+        tp,
+        pp,
+        // Three stages take four micro-batches of one row (the batch does not split in three).
+        micro_batches: (pp == 3).then_some(4),
+        ..base_cfg(tmp.path(), name)
+    };
+    let single = run(&shape("one", 1, 1, 1), &tok, &data);
+    for (name, dp, tp, pp) in
+        [("tp2", 1, 2, 1), ("pp2", 1, 1, 2), ("pp3", 1, 1, 3), ("dp2xtp2", 2, 2, 1), ("dp2xpp2", 2, 1, 2)]
+    {
+        let got = run(&shape(name, dp, tp, pp), &tok, &data);
+        assert_close(&format!("gpt-s shape dp={dp} tp={tp} pp={pp}"), &got, &single);
+    }
+}
+
+/// Checkpoints written under tensor or pipeline parallelism are whole: they resume under
+/// another plan (and a single rank's under a sharded one), continuing the single-rank curve.
+#[test]
+fn checkpoints_move_between_model_parallel_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let single = run(&base_cfg(tmp.path(), "single"), &tok, &data);
+    let plans =
+        [("tp2to1", (1, 2, 1), (1, 1, 1)), ("pp2todp2", (1, 1, 2), (2, 1, 1)), ("1totp2pp2", (1, 1, 1), (1, 2, 2))];
+    for (name, (dp, tp, pp), then) in plans {
+        let cfg = TrainConfig { dp, tp, pp, ..base_cfg(tmp.path(), name) };
+        let mut part = Trainer::new(cfg.clone(), tok.clone(), Dataset::open(&data).unwrap(), kern()).unwrap();
+        part.run_until(5, &mut |_| {}).unwrap();
+        drop(part);
+        let ck = load_checkpoint(&cfg.out).unwrap();
+        let resumed_cfg = TrainConfig { dp: then.0, tp: then.1, pp: then.2, ..cfg.clone() };
+        let mut resumed = Trainer::resume(ck, resumed_cfg, Dataset::open(&data).unwrap(), kern()).unwrap();
+        assert_eq!(resumed.step, 5);
+        resumed.run(&mut |_| {}).unwrap();
+        assert_close(&format!("resume {name}"), &curve(&cfg), &single);
     }
 }
 
