@@ -55,14 +55,45 @@ impl State {
 
     /// Rank `me` gives up on a collective because of rank `j`: the error to return.
     /// A root cause that is still alive stalled: that is a timeout, whoever noticed it first.
+    /// A dead one may have given up because of a rank of another group (a tensor-parallel
+    /// peer, say): the world ledger follows that chain too.
     fn give_up(&mut self, me: usize, j: usize, op: &'static str, g: &Group) -> CommError {
         let c = if self.alive[j] { j } else { self.culprit(j, me) };
         self.cause[me] = Some(c);
         if self.alive[c] {
-            CommError::Timeout { op, waiting_for: g.world[c], timeout: g.timeout }
-        } else {
-            CommError::PeerFailed { op, rank: g.world[c] }
+            g.ledger.record(g.world[me], g.world[c]);
+            return CommError::Timeout { op, waiting_for: g.world[c], timeout: g.timeout };
         }
+        let root = g.ledger.root_cause(g.world[c], g.world[me]);
+        g.ledger.record(g.world[me], root);
+        CommError::PeerFailed { op, rank: root }
+    }
+}
+
+/// Why each world rank gave up, shared by every group split from one world.
+struct Ledger {
+    cause: Mutex<Vec<Option<usize>>>,
+}
+
+impl Ledger {
+    fn new(n: usize) -> Arc<Ledger> {
+        Arc::new(Ledger { cause: Mutex::new(vec![None; n]) })
+    }
+
+    fn record(&self, me: usize, cause: usize) {
+        self.cause.lock().unwrap_or_else(|e| e.into_inner())[me] = Some(cause);
+    }
+
+    /// The rank at the end of the chain of causes from world rank `r` (not `me`).
+    fn root_cause(&self, mut r: usize, me: usize) -> usize {
+        let cause = self.cause.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..cause.len() {
+            match cause[r] {
+                Some(c) if c != me && c != r => r = c,
+                _ => break,
+            }
+        }
+        r
     }
 }
 
@@ -83,6 +114,7 @@ struct Group {
     size: usize,
     /// World rank of each member, so errors from a sub-group name the rank the user knows.
     world: Vec<usize>,
+    ledger: Arc<Ledger>,
     timeout: Duration,
     state: Mutex<State>,
     cv: Condvar,
@@ -91,11 +123,12 @@ struct Group {
 }
 
 impl Group {
-    fn new(world: Vec<usize>, timeout: Duration) -> Arc<Group> {
+    fn new(world: Vec<usize>, timeout: Duration, ledger: Arc<Ledger>) -> Arc<Group> {
         let n = world.len();
         Arc::new(Group {
             size: n,
             world,
+            ledger,
             timeout,
             state: Mutex::new(State {
                 arrived: vec![0; n],
@@ -185,7 +218,7 @@ pub struct ThreadComm {
 impl ThreadComm {
     /// `n` connected handles, rank `i` at index `i`; every blocking call gives up after `timeout`.
     pub fn group(n: usize, timeout: Duration) -> Vec<ThreadComm> {
-        let g = Group::new((0..n).collect(), timeout);
+        let g = Group::new((0..n).collect(), timeout, Ledger::new(n));
         (0..n).map(|rank| ThreadComm::member(g.clone(), rank)).collect()
     }
 
@@ -526,7 +559,8 @@ impl ThreadComm {
             self.splits.set(id.0 + 1);
             let world = members.iter().map(|&j| self.world(j)).collect();
             let group =
-                self.group.lock().splits.entry(id).or_insert_with(|| Group::new(world, self.group.timeout)).clone();
+                self.group.lock().splits.entry(id).or_insert_with(|| Group::new(world, self.group.timeout, self.group.ledger.clone()))
+                .clone();
             // Everyone has fetched its group after this barrier; the leader then drops the entry.
             self.barrier_sig(Sig { op: OP, len: 0, root: 0 })?;
             if new_rank == 0 {

@@ -701,10 +701,19 @@ fn first_cause(r0: Result<(), TrainError>, others: Vec<Result<(), TrainError>>) 
     // A rank's own error first; then a timeout (it names the rank that stalled), then rank 0's.
     let pos = all
         .iter()
-        .position(|e| !matches!(e, TrainError::Comm(_)))
-        .or_else(|| all.iter().position(|e| matches!(e, TrainError::Comm(kiln_comm::CommError::Timeout { .. }))))
+        .position(|e| comm_error(e).is_none())
+        .or_else(|| all.iter().position(|e| matches!(comm_error(e), Some(kiln_comm::CommError::Timeout { .. }))))
         .unwrap_or(0);
     Err(all.swap_remove(pos))
+}
+
+/// The communication failure behind `e`, whether a collective of the trainer or one inside
+/// the model (tensor parallelism) raised it.
+fn comm_error(e: &TrainError) -> Option<&kiln_comm::CommError> {
+    match e {
+        TrainError::Comm(c) | TrainError::Model(kiln_model::ModelError::Comm(c)) => Some(c),
+        _ => None,
+    }
 }
 
 /// One parallel training-step benchmark result.
@@ -851,6 +860,45 @@ mod tests {
                 assert_eq!(early, want, "zero {zero}: buckets reduced during backward");
             }
             assert!(results[0].2 == results[1].2, "zero {zero}: the replicas differ after the step");
+        }
+    }
+
+    /// A rank of a tp=2 × pp=2 plan dies in the middle of a step (between two accumulated
+    /// micro-batches): the other three fail with a communication error naming it (rank 0
+    /// waits on rank 2, which gave up on its tensor-parallel peer 3: the chain is followed),
+    /// promptly, instead of waiting out the 60 s timeout.
+    #[test]
+    fn a_rank_that_dies_mid_step_fails_the_others_promptly() {
+        use rand::{Rng, SeedableRng};
+        let cfg = TrainConfig { batch: 4, seq: 16, tp: 2, pp: 2, grad_accum: 2, ..Default::default() };
+        let plan = plan_of(&cfg);
+        let t0 = Instant::now();
+        let out = ThreadComm::launch(4, Duration::from_secs(60), |c| -> Result<(), TrainError> {
+            let w = c.rank();
+            let full = kiln_model::new_trainable("gpt-tiny", Some(97), Default::default(), 1)?;
+            let (mut model, mut opt) = rank_start(plan, w, full.as_ref(), &AdamW::new(full.as_ref()))?;
+            let mut rank = build_rank(Box::new(c), plan, 1, model.as_mut(), &mut opt, None, &cfg, None)?;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            let mut batches = 0;
+            let mut next = |x: &mut [u32], y: &mut [u32]| {
+                batches += 1;
+                assert!(!(w == 3 && batches == 4), "rank 3 killed in the middle of step 2");
+                x.iter_mut().chain(y.iter_mut()).for_each(|v| *v = rng.random_range(0..97));
+                Ok::<(), TrainError>(())
+            };
+            let k = kiln_tensor::CpuKernels::default();
+            for _ in 0..5 {
+                rank.step(model.as_mut(), &mut opt, &k, &cfg, 1e-3, &mut next, None)?;
+            }
+            Ok(())
+        });
+        assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
+        assert!(out[3].is_err(), "rank 3 panicked");
+        for (w, r) in out.iter().enumerate().take(3) {
+            match r {
+                Ok(Err(e)) if comm_error(e).is_some() => assert!(e.to_string().contains("rank 3"), "rank {w}: {e}"),
+                other => panic!("rank {w} should fail on the lost peer, got {other:?}"),
+            }
         }
     }
 
