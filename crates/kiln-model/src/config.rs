@@ -65,6 +65,12 @@ impl GptConfig {
         let n = (self.num_params() - self.block_size * self.n_embd) as f64;
         6.0 * n + 12.0 * (self.n_layer * t * self.n_embd) as f64
     }
+
+    /// The output head's matmul work in blocks' worth (a block's linears are 12·C² per
+    /// token, the head V·C), for balancing pipeline stages.
+    pub fn head_cost_in_blocks(&self) -> f64 {
+        self.padded_vocab() as f64 / (12.0 * self.n_embd as f64)
+    }
 }
 
 #[cfg(test)]

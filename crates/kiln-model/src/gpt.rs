@@ -250,7 +250,7 @@ impl Gpt {
                 }
             })
             .collect();
-        let layers = shard.layers(config.n_layer);
+        let layers = shard.layers(config.n_layer, config.head_cost_in_blocks());
         Ok(Gpt {
             config,
             params,
@@ -306,7 +306,7 @@ impl Gpt {
             add("wpe.weight".into(), vec![cfg.block_size, c], Slice::Whole);
         }
         let qkv_rows = Slice::Rows((0..3).map(|j| j * c + heads.start..j * c + heads.end).collect());
-        for l in shard.layers(cfg.n_layer) {
+        for l in shard.layers(cfg.n_layer, cfg.head_cost_in_blocks()) {
             let layer: [(Vec<usize>, Slice); PER_LAYER] = [
                 (vec![c], Slice::Whole),
                 (vec![c], Slice::Whole),

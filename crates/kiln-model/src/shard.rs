@@ -43,9 +43,13 @@ impl Shard {
         self.stage + 1 == self.pp
     }
 
-    /// The blocks of this stage: contiguous, the first `n_layer % pp` stages one block longer.
-    pub fn layers(&self, n_layer: usize) -> Range<usize> {
-        shard_range(n_layer, self.pp, self.stage)
+    /// The blocks of this stage when the last stage also carries `head` blocks' worth of work
+    /// (the output head and the loss): contiguous, at least one per stage, split so that the
+    /// busiest stage has as little work as possible (a pipeline runs at its slowest stage's
+    /// pace) and, among such splits, the work is as even as possible.
+    pub fn layers(&self, n_layer: usize, head: f64) -> Range<usize> {
+        let bounds = balanced_bounds(n_layer, self.pp, head);
+        bounds[self.stage]..bounds[self.stage + 1]
     }
 
     /// This rank's equal share of `n` units (heads, hidden units) split over the tp ranks.
@@ -77,6 +81,49 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// Stage boundaries `[0, b1, …, n_layer]` for [`Shard::layers`]: each block costs 1, the last
+/// stage `head` more. First the least possible cost of the busiest stage, then, among the
+/// splits that reach it, the one with the least sum of squared stage costs (the most even).
+fn balanced_bounds(n_layer: usize, pp: usize, head: f64) -> Vec<usize> {
+    if pp <= 1 || pp > n_layer {
+        return (0..=pp).map(|s| if s == 0 { 0 } else { n_layer }).collect();
+    }
+    let last = |j: usize| (n_layer - j) as f64 + head;
+    // Least busiest-stage cost: with unit blocks, the non-last stages of blocks 0..j can
+    // reach ceil(j / (pp − 1)) at best.
+    let busiest = (pp - 1..n_layer)
+        .map(|j| (j.div_ceil(pp - 1) as f64).max(last(j)))
+        .fold(f64::INFINITY, f64::min);
+    let limit = busiest + 1e-9;
+    // sq[s][i]: least sum of squares of blocks 0..i over s non-last stages, each within limit.
+    let mut sq = vec![vec![f64::INFINITY; n_layer + 1]; pp];
+    let mut cut = vec![vec![0usize; n_layer + 1]; pp];
+    sq[0][0] = 0.0;
+    for st in 1..pp {
+        for i in st..=n_layer {
+            // Descending: on a tie the earlier stages keep the extra blocks.
+            for j in (st - 1..i).rev() {
+                let c = (i - j) as f64;
+                if c <= limit && sq[st - 1][j] + c * c < sq[st][i] {
+                    (sq[st][i], cut[st][i]) = (sq[st - 1][j] + c * c, j);
+                }
+            }
+        }
+    }
+    let start = (pp - 1..n_layer)
+        .rev()
+        .filter(|&j| last(j) <= limit)
+        .min_by(|&a, &b| (sq[pp - 1][a] + last(a).powi(2)).total_cmp(&(sq[pp - 1][b] + last(b).powi(2))))
+        .unwrap_or(n_layer - 1);
+    let mut bounds = vec![n_layer; pp + 1];
+    bounds[pp - 1] = start;
+    for st in (1..pp - 1).rev() {
+        bounds[st] = cut[st + 1][bounds[st + 1]];
+    }
+    bounds[0] = 0;
+    bounds
 }
 
 /// Where a shard's tensor lies in the full model's tensor of the same name.
@@ -232,8 +279,16 @@ mod tests {
     #[test]
     fn stages_take_contiguous_blocks_and_bad_plans_are_errors() {
         let s = |tp_rank, stage| Shard { tp: 2, tp_rank, pp: 3, stage };
-        assert_eq!(s(0, 0).layers(7), 0..3);
-        assert_eq!(s(1, 2).layers(7), 5..7);
+        // Without a head to carry, 7 blocks over 3 stages go 3 + 2 + 2.
+        assert_eq!(s(0, 0).layers(7, 0.0), 0..3);
+        assert_eq!(s(1, 1).layers(7, 0.0), 3..5);
+        assert_eq!(s(1, 2).layers(7, 0.0), 5..7);
+        // gpt-s: 6 blocks and a head worth 1.8 of them over 2 stages: 4 + (2 + head).
+        let two = |stage| Shard { tp: 1, tp_rank: 0, pp: 2, stage };
+        assert_eq!((two(0).layers(6, 1.8), two(1).layers(6, 1.8)), (0..4, 4..6));
+        // A head heavier than the blocks still leaves the last stage one block.
+        assert_eq!(two(1).layers(3, 10.0), 2..3);
+        assert_eq!(Shard::FULL.layers(5, 3.0), 0..5);
         assert_eq!(s(1, 0).tp_part(12), 6..12);
         assert!(s(0, 0).check(7, &[("heads", 4)]).is_ok());
         assert!(s(0, 0).check(2, &[("heads", 4)]).unwrap_err().to_string().contains("--pp 3"));
