@@ -1,6 +1,6 @@
-//! `kiln train --comm mpi` under `mpirun`: two processes train the same steps as two threads,
-//! bit for bit (plain data parallel and ZeRO-1), and the MPI run's checkpoint resumes on one
-//! rank. Needs a kiln built with `--features mpi` and Open MPI's `mpirun` on PATH; without
+//! `kiln train --comm mpi` under `mpirun`: processes train the same steps as threads, bit for
+//! bit (data parallel, ZeRO-1, tensor and pipeline parallel and their products), the MPI run's
+//! checkpoint resumes on one rank, and a rank killed mid-run fails the job. Needs a kiln built with `--features mpi` and Open MPI's `mpirun` on PATH; without
 //! mpirun the test says so and passes.
 #![cfg(feature = "mpi")]
 
@@ -81,15 +81,23 @@ fn mpi_ranks_train_exactly_as_thread_ranks() {
     assert_eq!(losses(&mpi).len(), 8);
 
     // Tensor and pipeline parallel over four processes: the thread engine's steps, bit for bit.
-    for plan in [["--tp", "2", "--pp", "2"], ["--dp", "2", "--pp", "2"]] {
+    let plans: [&[&str]; 5] = [
+        &["--tp", "2"],
+        &["--pp", "2"],
+        &["--tp", "2", "--pp", "2"],
+        &["--dp", "2", "--tp", "2"],
+        &["--dp", "2", "--pp", "2", "--zero", "1"],
+    ];
+    for plan in plans {
         let name = plan.join("");
+        let np = plan.chunks(2).filter(|f| f[0] != "--zero").map(|f| f[1].parse::<usize>().unwrap()).product();
         let (threads, mpi) = (root.join(format!("threads{name}")), root.join(format!("mpi{name}")));
         ok(kiln(&train(&threads, &plan)));
         let mut extra = plan.to_vec();
         extra.extend(["--comm", "mpi"]);
-        let out = ok(mpirun(4, &train(&mpi, &extra)));
+        let out = ok(mpirun(np, &train(&mpi, &extra)));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("= 4 ranks (mpi)"), "rank 0 should say how it runs:\n{err}");
+        assert!(err.contains(&format!("= {np} ranks (mpi)")), "rank 0 should say how it runs:\n{err}");
         assert_eq!(losses(&mpi), losses(&threads), "{name}: MPI ranks diverged from thread ranks");
     }
 
