@@ -10,7 +10,6 @@
 
 use std::ops::Range;
 
-use kiln_comm::shard_range;
 
 use crate::{ModelError, ParamInfo};
 
