@@ -92,7 +92,7 @@ fn mpi_ranks_train_exactly_as_thread_ranks() {
         let name = plan.join("");
         let np = plan.chunks(2).filter(|f| f[0] != "--zero").map(|f| f[1].parse::<usize>().unwrap()).product();
         let (threads, mpi) = (root.join(format!("threads{name}")), root.join(format!("mpi{name}")));
-        ok(kiln(&train(&threads, &plan)));
+        ok(kiln(&train(&threads, plan)));
         let mut extra = plan.to_vec();
         extra.extend(["--comm", "mpi"]);
         let out = ok(mpirun(np, &train(&mpi, &extra)));

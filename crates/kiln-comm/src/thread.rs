@@ -558,8 +558,12 @@ impl ThreadComm {
             let id = (self.splits.get(), color);
             self.splits.set(id.0 + 1);
             let world = members.iter().map(|&j| self.world(j)).collect();
-            let group =
-                self.group.lock().splits.entry(id).or_insert_with(|| Group::new(world, self.group.timeout, self.group.ledger.clone()))
+            let group = self
+                .group
+                .lock()
+                .splits
+                .entry(id)
+                .or_insert_with(|| Group::new(world, self.group.timeout, self.group.ledger.clone()))
                 .clone();
             // Everyone has fetched its group after this barrier; the leader then drops the entry.
             self.barrier_sig(Sig { op: OP, len: 0, root: 0 })?;

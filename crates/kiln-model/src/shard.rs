@@ -10,7 +10,6 @@
 
 use std::ops::Range;
 
-
 use crate::{ModelError, ParamInfo};
 
 /// Which part of a model one rank holds.
@@ -92,9 +91,7 @@ fn balanced_bounds(n_layer: usize, pp: usize, head: f64) -> Vec<usize> {
     let last = |j: usize| (n_layer - j) as f64 + head;
     // Least busiest-stage cost: with unit blocks, the non-last stages of blocks 0..j can
     // reach ceil(j / (pp − 1)) at best.
-    let busiest = (pp - 1..n_layer)
-        .map(|j| (j.div_ceil(pp - 1) as f64).max(last(j)))
-        .fold(f64::INFINITY, f64::min);
+    let busiest = (pp - 1..n_layer).map(|j| (j.div_ceil(pp - 1) as f64).max(last(j))).fold(f64::INFINITY, f64::min);
     let limit = busiest + 1e-9;
     // sq[s][i]: least sum of squares of blocks 0..i over s non-last stages, each within limit.
     let mut sq = vec![vec![f64::INFINITY; n_layer + 1]; pp];
