@@ -193,6 +193,42 @@ fn fp16_loss_scaling_under_data_parallel_skips_like_one_rank() {
     }
 }
 
+/// Mixed precision composes with tensor and pipeline parallelism: bf16 and fp16 (with a
+/// 2^24 loss scale that overflows first) under tp=2, pp=2 and tp=2 × pp=2 follow the single
+/// rank in the same precision within the bounds above (bf16 2e-4, fp16 5e-5), and fp16 skips
+/// the same steps.
+#[test]
+fn mixed_precision_under_tensor_and_pipeline_parallel_matches_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, data) = prepare(tmp.path());
+    let skipped = |cfg: &TrainConfig| -> Vec<bool> {
+        std::fs::read_to_string(cfg.metrics_path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["skipped"].as_bool().unwrap_or(false))
+            .collect()
+    };
+    for (precision, bound) in [(kiln_train::Precision::Bf16, 2e-4), (kiln_train::Precision::Fp16, 5e-5)] {
+        let cfg = |name: &str, tp, pp| TrainConfig {
+            precision,
+            loss_scale: 2f32.powi(24),
+            tp,
+            pp,
+            ..base_cfg(tmp.path(), &format!("{precision:?}-{name}"))
+        };
+        let one = cfg("single", 1, 1);
+        let single = run(&one, &tok, &data);
+        let want = skipped(&one);
+        let fp16 = precision == kiln_train::Precision::Fp16;
+        assert!(!fp16 || (want[0] && want.iter().any(|s| !s)), "2^24 should overflow first, then fit: {want:?}");
+        for (name, tp, pp) in [("tp2", 2, 1), ("pp2", 1, 2), ("tp2xpp2", 2, 2)] {
+            let c = cfg(name, tp, pp);
+            assert_within(&format!("{precision:?} {name}"), &run(&c, &tok, &data), &single, bound);
+            assert_eq!(skipped(&c), want, "{precision:?} {name}: skipped steps differ from one rank's");
+        }
+    }
+}
+
 /// The same plans train a Llama (RMSNorm, RoPE, SwiGLU, grouped-query attention).
 #[test]
 fn data_parallel_and_zero1_train_llama_like_one_rank() {
