@@ -54,11 +54,14 @@ impl State {
     }
 
     /// Rank `me` gives up on a collective because of rank `j`: the error to return.
+    /// `j` may itself have withdrawn from this collective because of another rank (it timed
+    /// out first): the chain is followed even while `j` is alive, so every survivor names the
+    /// stalled rank rather than whichever survivor happened to give up before it.
     /// A root cause that is still alive stalled: that is a timeout, whoever noticed it first.
     /// A dead one may have given up because of a rank of another group (a tensor-parallel
     /// peer, say): the world ledger follows that chain too.
     fn give_up(&mut self, me: usize, j: usize, op: &'static str, g: &Group) -> CommError {
-        let c = if self.alive[j] { j } else { self.culprit(j, me) };
+        let c = self.culprit(j, me);
         self.cause[me] = Some(c);
         if self.alive[c] {
             g.ledger.record(g.world[me], g.world[c]);
@@ -572,5 +575,24 @@ impl ThreadComm {
             }
             Ok(ThreadComm::member(group, new_rank))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window the integration test `a_stalled_rank_times_out_the_others` once hit on a
+    /// loaded machine: rank 0 has timed out on stalled rank 2 and withdrawn, but has not yet
+    /// marked itself dead, when rank 1's deadline passes and it finds rank 0 missing.
+    #[test]
+    fn a_survivor_that_gave_up_first_is_not_named_as_the_culprit() {
+        let g = Group::new(vec![0, 1, 2], Duration::from_secs(1), Ledger::new(3));
+        let mut st = g.lock();
+        let first = st.give_up(0, 2, "barrier", &g);
+        assert!(matches!(first, CommError::Timeout { waiting_for: 2, .. }), "{first:?}");
+        assert!(st.alive[0], "rank 0 is still alive in this window");
+        let second = st.give_up(1, 0, "barrier", &g);
+        assert!(matches!(second, CommError::Timeout { waiting_for: 2, .. }), "{second:?}");
     }
 }
