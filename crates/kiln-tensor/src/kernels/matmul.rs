@@ -167,6 +167,17 @@ unsafe fn gemv_block<S: Simd>(
 }
 crate::multiversion!(fn gemv_block_v(out: &mut [f32], o0: usize, inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize) => gemv_block);
 
+/// Copies per-block results `parts[b]` (`[rows, n_b]`, output channels `b·width ..`) into their
+/// columns of `out[rows, c_out]`.
+fn scatter_column_blocks(out: &mut [f32], parts: &[Vec<f32>], width: usize, rows: usize, c_out: usize) {
+    for (b, part) in parts.iter().enumerate() {
+        let (o0, n) = (b * width, part.len() / rows);
+        for r in 0..rows {
+            out[r * c_out + o0..r * c_out + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+        }
+    }
+}
+
 /// Few-row forward: output channels split in blocks across threads, results scattered per row.
 fn matmul_forward_gemv(
     isa: Isa,
@@ -196,13 +207,7 @@ fn matmul_forward_gemv(
             part
         })
         .collect();
-    for (bi, part) in blocks.iter().enumerate() {
-        let o0 = bi * BLOCK;
-        let n = part.len() / rows;
-        for r in 0..rows {
-            out[r * c_out + o0..r * c_out + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
-        }
-    }
+    scatter_column_blocks(out, &blocks, BLOCK, rows, c_out);
 }
 
 /// Rows up to which the forward transposes the weight itself, one panel of output channels at a
@@ -256,12 +261,7 @@ fn matmul_forward_panels(
             },
         )
         .collect();
-    for (p, part) in parts.iter().enumerate() {
-        let (o0, n) = (p * PANEL, part.len() / rows);
-        for r in 0..rows {
-            out[r * c_out + o0..r * c_out + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
-        }
-    }
+    scatter_column_blocks(out, &parts, PANEL, rows, c_out);
 }
 
 pub(crate) fn matmul_forward(
