@@ -5,7 +5,7 @@
 //! is rounded to int8 per block of 32 (`sx_b = max|x'_b| / 127`, round half to even, as
 //! [`quantize_activations`]), each weight row's 32-block is multiplied by it exactly in i32
 //! (`dot_b = Σ q·xq`, see [`I4Dot`]), and
-//! `out = Σ_b (s_g·sx_b)·dot_b − Σ_g (z_g·s_g)·Σ_{b∈g} sx_b·Σxq_b + bias` in f32. That makes the
+//! `out = Σ_b s_g·(sx_b·dot_b − z_g·sx_b·Σxq_b) + bias` in f32. That makes the
 //! multiply integer (half a byte of weight and one byte of activation per element) instead of
 //! two f32 FMAs per element. Prefill (more rows) dequantizes a tile of W to f32 once and runs a
 //! small GEMM on the f32 activations, so the two paths differ by the activation rounding:
@@ -132,12 +132,15 @@ struct BlockActs {
     q: Vec<i8>,
     /// `[m, pairs, 8]`: `sx_b` four times, then `sx_{b+1}` four times (0 for a missing block).
     sx: Vec<f32>,
-    /// `[m, k/group]`: `Σ_{b∈g} sx_b·Σxq_b`, in block order, which the zeros multiply.
+    /// `[m, gpr8]`: `Σ_{b∈g} sx_b·Σxq_b`, which the zeros multiply, each row padded with zeros
+    /// to `gpr8`, the groups per row rounded up to 8, so it is read 8 at a time.
     zsum: Vec<f32>,
+    gpr8: usize,
 }
 
 fn block_acts(inp: &[f32], w: &Int4Weight, m: usize) -> BlockActs {
     let (k, gpr) = (w.k, w.groups_per_row());
+    let gpr8 = gpr.next_multiple_of(8);
     let nb = k / I4_BLOCK;
     let pairs = nb.div_ceil(2);
     let mut a = BlockActs {
@@ -145,7 +148,8 @@ fn block_acts(inp: &[f32], w: &Int4Weight, m: usize) -> BlockActs {
         pairs,
         q: vec![0i8; m * pairs * 2 * I4_BLOCK],
         sx: vec![0.0; m * pairs * 8],
-        zsum: vec![0.0; m * gpr],
+        zsum: vec![0.0; m * gpr8],
+        gpr8,
     };
     let mut q = [0i8; I4_BLOCK];
     for r in 0..m {
@@ -160,7 +164,7 @@ fn block_acts(inp: &[f32], w: &Int4Weight, m: usize) -> BlockActs {
             }
             a.sx[p * 8 + 4 * h..][..4].fill(sx);
             let xsum: i32 = q.iter().map(|&v| v as i32).sum();
-            a.zsum[r * gpr + b * I4_BLOCK / w.group] += sx * xsum as f32;
+            a.zsum[r * gpr8 + b * I4_BLOCK / w.group] += sx * xsum as f32;
         }
     }
     a
@@ -174,11 +178,19 @@ fn int4_decode(path: DotPath, out: &mut [f32], inp: &[f32], w: &Int4Weight, bias
     // The x86 paths convert the f16 scales with F16C, which every AVX2 CPU we know of has.
     let path = if path == DotPath::Scalar || has_f16c() { path } else { DotPath::Scalar };
     for_row_blocks(w.n, w.k / 2, |o0, o1| {
-        // One weight row's scales and zeros as f32, refilled row by row (no per-call arrays).
-        let (mut s, mut z) = (vec![0.0f32; w.groups_per_row()], vec![0.0f32; w.groups_per_row()]);
+        // The task's scales and zeros (scratch the kernel fills; 8 more, read past the last row).
+        let g = (o1 - o0) * w.groups_per_row() + 8;
+        let mut p = GroupScratch { s: vec![0.0; g], z: vec![0.0; g] };
         // SAFETY: out is m·n long (checked by the caller) and this task writes only columns o0..o1.
-        unsafe { gemv_i4q_on(path, dst, a, w, bias, m, o0, o1, &mut s, &mut z) }
+        unsafe { gemv_i4q_on(path, dst, a, w, bias, m, o0, o1, &mut p) }
     });
+}
+
+/// One decode task's scales and zeros as f32, `[rows, gpr]` and 8 zeros more: a row's groups are
+/// read 8 at a time against [`BlockActs::zsum`], whose zero padding cancels what lies past them.
+struct GroupScratch {
+    s: Vec<f32>,
+    z: Vec<f32>,
 }
 
 fn has_f16c() -> bool {
@@ -192,10 +204,11 @@ fn has_f16c() -> bool {
     }
 }
 
-/// Output rows `o0..o1` for `R` activation rows, `G32` when a group is one block. Per weight
-/// row and block pair: the exact dots as f32 lanes, times `sx_b` (a mul), times `s_g` into two
-/// accumulators per activation row (alternate pairs, an FMA); then their lane sum
-/// `− Σ_g (z_g·s_g)·zsum_g + bias`. `s`, `z` are scratch for one row's scales and zeros.
+/// Output rows `o0..o1` for `R` activation rows, `G32` when a group is one block. First the
+/// task's scales and zeros to f32 in one pass. Per weight row and block pair: the exact dots as
+/// f32 lanes, times `sx_b` (a mul), times `s_g` into two accumulators per activation row
+/// (alternate pairs, an FMA), less `Σ_g z_g·s_g·zsum_g` taken 8 groups at a time. Four
+/// weight rows' lane sums are reduced together, then the bias added.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
@@ -205,74 +218,80 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
     bias: Option<&[f32]>,
     o0: usize,
     o1: usize,
-    s: &mut [f32],
-    z: &mut [f32],
+    gs: &mut GroupScratch,
 ) {
-    let (n, k, gpr) = (w.n, w.k, w.groups_per_row());
+    let (n, k, gpr, gpr8) = (w.n, w.k, w.groups_per_row(), a.gpr8);
     let (nb, pairs) = (a.nb, a.pairs);
     // Pairs per group: 1 (group 64) or 2 (group 128); unused for group 32.
     let pshift = (w.group / (2 * I4_BLOCK)).max(1).trailing_zeros();
-    let (xp, sxp) = (a.q.as_ptr(), a.sx.as_ptr());
+    let (xp, sxp, zsump) = (a.q.as_ptr(), a.sx.as_ptr(), a.zsum.as_ptr());
     let (xrow, sxrow) = (pairs * 2 * I4_BLOCK, pairs * 8);
-    assert!(s.len() == gpr && z.len() == gpr);
-    for o in o0..o1 {
-        let qp = w.packed.as_ptr().add(o * k / 2);
-        D::f16_to_f32(&w.scale[o * gpr..(o + 1) * gpr], s);
-        D::f16_to_f32(&w.zero[o * gpr..(o + 1) * gpr], z);
-        let sp = s.as_ptr();
-        // The scales of pair p (both halves: G32 reads s_{2p}, s_{2p+1}).
-        let svec = |p: usize| if G32 { D::splat2(sp.add(2 * p)) } else { D::splat(*sp.add(p >> pshift)) };
-        let mut acc = [[D::zero(); 2]; R];
-        let full = nb / 2;
-        let mut p = 0;
-        while p + 2 <= full {
-            // Never dereferenced, so it may point past the weights.
-            D::prefetch(qp.wrapping_add(p * I4_BLOCK + PREFETCH_BYTES));
-            let (q0, q1) = (D::unpack(qp.add(p * I4_BLOCK)), D::unpack(qp.add((p + 1) * I4_BLOCK)));
-            let (s0, s1) = (svec(p), svec(p + 1));
+    let len = (o1 - o0) * gpr;
+    assert!(gs.s.len() == len + 8 && gs.z.len() == len + 8);
+    D::f16_to_f32(&w.scale[o0 * gpr..o1 * gpr], &mut gs.s[..len]);
+    D::f16_to_f32(&w.zero[o0 * gpr..o1 * gpr], &mut gs.z[..len]);
+    let mut o4 = o0;
+    while o4 < o1 {
+        let rows = 4.min(o1 - o4);
+        let mut tot = [[D::zero(); 4]; R];
+        for j in 0..rows {
+            let o = o4 + j;
+            let qp = w.packed.as_ptr().add(o * k / 2);
+            let (sp, zp) = (gs.s.as_ptr().add((o - o0) * gpr), gs.z.as_ptr().add((o - o0) * gpr));
+            // The scales of pair p (both halves: G32 reads s_{2p}, s_{2p+1}).
+            let svec = |p: usize| if G32 { D::splat2(sp.add(2 * p)) } else { D::splat(*sp.add(p >> pshift)) };
+            // −Σ_g z_g·s_g·zsum_g first, a chain of its own that overlaps the dots.
+            let mut zneg = [D::zero(); R];
             for r in 0..R {
-                let (x, sx) = (xp.add(r * xrow + p * 2 * I4_BLOCK), sxp.add(r * sxrow + p * 8));
-                let d0 = D::mul(D::dots(q0, x), D::load(sx));
-                let d1 = D::mul(D::dots(q1, x.add(2 * I4_BLOCK)), D::load(sx.add(8)));
-                acc[r][0] = D::fma(d0, s0, acc[r][0]);
-                acc[r][1] = D::fma(d1, s1, acc[r][1]);
+                let mut g = 0;
+                while g < gpr8 {
+                    zneg[r] = D::sub_products8(zp.add(g), sp.add(g), zsump.add(r * gpr8 + g), zneg[r]);
+                    g += 8;
+                }
             }
-            p += 2;
-        }
-        while p < pairs {
-            // One pair left, and/or one block (odd k/32) whose scale fills both halves.
-            let (q0, s0) = if p < full {
-                (D::unpack(qp.add(p * I4_BLOCK)), svec(p))
-            } else {
-                (D::unpack_one(qp.add(p * I4_BLOCK)), D::splat(*sp.add((2 * p * I4_BLOCK) / w.group)))
-            };
+            let mut acc = [[D::zero(); 2]; R];
+            let full = nb / 2;
+            let mut p = 0;
+            while p + 2 <= full {
+                // Never dereferenced, so it may point past the weights.
+                D::prefetch(qp.wrapping_add(p * I4_BLOCK + PREFETCH_BYTES));
+                let (q0, q1) = (D::unpack(qp.add(p * I4_BLOCK)), D::unpack(qp.add((p + 1) * I4_BLOCK)));
+                let (s0, s1) = (svec(p), svec(p + 1));
+                for r in 0..R {
+                    let (x, sx) = (xp.add(r * xrow + p * 2 * I4_BLOCK), sxp.add(r * sxrow + p * 8));
+                    let d0 = D::mul(D::dots(q0, x), D::load(sx));
+                    let d1 = D::mul(D::dots(q1, x.add(2 * I4_BLOCK)), D::load(sx.add(8)));
+                    acc[r][0] = D::fma(d0, s0, acc[r][0]);
+                    acc[r][1] = D::fma(d1, s1, acc[r][1]);
+                }
+                p += 2;
+            }
+            while p < pairs {
+                // One pair left, and/or one block (odd k/32) whose scale fills both halves.
+                let (q0, s0) = if p < full {
+                    (D::unpack(qp.add(p * I4_BLOCK)), svec(p))
+                } else {
+                    (D::unpack_one(qp.add(p * I4_BLOCK)), D::splat(*sp.add((2 * p * I4_BLOCK) / w.group)))
+                };
+                for r in 0..R {
+                    let (x, sx) = (xp.add(r * xrow + p * 2 * I4_BLOCK), sxp.add(r * sxrow + p * 8));
+                    acc[r][0] = D::fma(D::mul(D::dots(q0, x), D::load(sx)), s0, acc[r][0]);
+                }
+                p += 1;
+            }
             for r in 0..R {
-                let (x, sx) = (xp.add(r * xrow + p * 2 * I4_BLOCK), sxp.add(r * sxrow + p * 8));
-                acc[r][0] = D::fma(D::mul(D::dots(q0, x), D::load(sx)), s0, acc[r][0]);
+                tot[r][j] = D::add(D::add(acc[r][0], acc[r][1]), zneg[r]);
             }
-            p += 1;
         }
         for r in 0..R {
-            let zc = -zero_term(s, z, &a.zsum[r * gpr..(r + 1) * gpr]);
-            // SAFETY (caller): out is m·n long and only this task writes column o.
-            *out.0.add(r * n + o) = D::finish(acc[r][0], acc[r][1]) + zc + bias.map_or(0.0, |b| b[o]);
+            let sums = D::hsum4(tot[r]);
+            for j in 0..rows {
+                // SAFETY (caller): out is m·n long and only this task writes columns o0..o1.
+                *out.0.add(r * n + o4 + j) = sums[j] + bias.map_or(0.0, |b| b[o4 + j]);
+            }
         }
+        o4 += rows;
     }
-}
-
-/// `Σ_g z_g·s_g·zsum_g` in 8 interleaved partial sums (group g into sum g mod 8, the tail
-/// after), so it vectorizes instead of waiting on one add chain.
-#[inline(always)]
-fn zero_term(s: &[f32], z: &[f32], zsum: &[f32]) -> f32 {
-    let mut part = [0.0f32; 8];
-    let (sc, zc, cc) = (s.chunks_exact(8), z.chunks_exact(8), zsum.chunks_exact(8));
-    let tail: f32 = sc.remainder().iter().zip(zc.remainder()).zip(cc.remainder()).map(|((&a, &b), &c)| b * a * c).sum();
-    for ((a, b), c) in sc.zip(zc).zip(cc) {
-        for l in 0..8 {
-            part[l] += b[l] * a[l] * c[l];
-        }
-    }
-    part.iter().sum::<f32>() + tail
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -285,18 +304,17 @@ unsafe fn gemv_i4q<D: I4Dot>(
     m: usize,
     o0: usize,
     o1: usize,
-    s: &mut [f32],
-    z: &mut [f32],
+    gs: &mut GroupScratch,
 ) {
     match (m, w.group == I4_BLOCK) {
-        (1, true) => gemv_i4q_rows::<D, 1, true>(out, a, w, bias, o0, o1, s, z),
-        (1, false) => gemv_i4q_rows::<D, 1, false>(out, a, w, bias, o0, o1, s, z),
-        (2, true) => gemv_i4q_rows::<D, 2, true>(out, a, w, bias, o0, o1, s, z),
-        (2, false) => gemv_i4q_rows::<D, 2, false>(out, a, w, bias, o0, o1, s, z),
-        (3, true) => gemv_i4q_rows::<D, 3, true>(out, a, w, bias, o0, o1, s, z),
-        (3, false) => gemv_i4q_rows::<D, 3, false>(out, a, w, bias, o0, o1, s, z),
-        (_, true) => gemv_i4q_rows::<D, 4, true>(out, a, w, bias, o0, o1, s, z),
-        (_, false) => gemv_i4q_rows::<D, 4, false>(out, a, w, bias, o0, o1, s, z),
+        (1, true) => gemv_i4q_rows::<D, 1, true>(out, a, w, bias, o0, o1, gs),
+        (1, false) => gemv_i4q_rows::<D, 1, false>(out, a, w, bias, o0, o1, gs),
+        (2, true) => gemv_i4q_rows::<D, 2, true>(out, a, w, bias, o0, o1, gs),
+        (2, false) => gemv_i4q_rows::<D, 2, false>(out, a, w, bias, o0, o1, gs),
+        (3, true) => gemv_i4q_rows::<D, 3, true>(out, a, w, bias, o0, o1, gs),
+        (3, false) => gemv_i4q_rows::<D, 3, false>(out, a, w, bias, o0, o1, gs),
+        (_, true) => gemv_i4q_rows::<D, 4, true>(out, a, w, bias, o0, o1, gs),
+        (_, false) => gemv_i4q_rows::<D, 4, false>(out, a, w, bias, o0, o1, gs),
     }
 }
 
@@ -311,8 +329,7 @@ unsafe fn gemv_i4q_on(
     m: usize,
     o0: usize,
     o1: usize,
-    s: &mut [f32],
-    z: &mut [f32],
+    gs: &mut GroupScratch,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -329,10 +346,9 @@ unsafe fn gemv_i4q_on(
                     m: usize,
                     o0: usize,
                     o1: usize,
-                    s: &mut [f32],
-                    z: &mut [f32],
+                    gs: &mut GroupScratch,
                 ) {
-                    unsafe { gemv_i4q::<$d>(out, a, w, bias, m, o0, o1, s, z) }
+                    unsafe { gemv_i4q::<$d>(out, a, w, bias, m, o0, o1, gs) }
                 }
             };
         }
@@ -342,13 +358,13 @@ unsafe fn gemv_i4q_on(
         // SAFETY: `path` comes from `DotPath::for_isa`/`all_supported`, which checked the CPU
         // (AVX2 with FMA), and `int4_decode` checked F16C.
         match path {
-            DotPath::Vnni => return on_vnni(out, a, w, bias, m, o0, o1, s, z),
-            DotPath::Avx512 => return on_avx512(out, a, w, bias, m, o0, o1, s, z),
-            DotPath::Avx2 => return on_avx2(out, a, w, bias, m, o0, o1, s, z),
+            DotPath::Vnni => return on_vnni(out, a, w, bias, m, o0, o1, gs),
+            DotPath::Avx512 => return on_avx512(out, a, w, bias, m, o0, o1, gs),
+            DotPath::Avx2 => return on_avx2(out, a, w, bias, m, o0, o1, gs),
             DotPath::Scalar => {}
         }
     }
-    gemv_i4q::<ScalarDot>(out, a, w, bias, m, o0, o1, s, z)
+    gemv_i4q::<ScalarDot>(out, a, w, bias, m, o0, o1, gs)
 }
 
 /// Scales and `−zero·scale` of rows `o0..o1` as f32 (F16C through `half` where the CPU has it),

@@ -126,8 +126,11 @@ pub(crate) trait I4Dot {
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// `a·b + c`.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// The sum of all lanes of `a + b`.
-    unsafe fn finish(a: Self::V, b: Self::V) -> f32;
+    /// `acc` less `Σ_{l<8} a[l]·b[l]·c[l]`, spread over its lanes (its lane sum drops by that).
+    unsafe fn sub_products8(a: *const f32, b: *const f32, c: *const f32, acc: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// The lane sums of four vectors (four output rows reduced together).
+    unsafe fn hsum4(v: [Self::V; 4]) -> [f32; 4];
     /// `dst = src` as f32 (F16C on x86): a weight row's group scales and zeros.
     unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]);
     /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
@@ -169,6 +172,7 @@ impl I4Dot for ScalarDot {
     unsafe fn load(p: *const f32) -> [f32; 2] {
         [*p, *p.add(4)]
     }
+
     #[inline(always)]
     unsafe fn splat(v: f32) -> [f32; 2] {
         [v; 2]
@@ -186,8 +190,17 @@ impl I4Dot for ScalarDot {
         [a[0] * b[0] + c[0], a[1] * b[1] + c[1]]
     }
     #[inline(always)]
-    unsafe fn finish(a: [f32; 2], b: [f32; 2]) -> f32 {
-        (a[0] + b[0]) + (a[1] + b[1])
+    unsafe fn sub_products8(a: *const f32, b: *const f32, c: *const f32, acc: [f32; 2]) -> [f32; 2] {
+        let d = |h: usize| (4 * h..4 * h + 4).map(|l| *a.add(l) * (*b.add(l) * *c.add(l))).sum::<f32>();
+        [acc[0] - d(0), acc[1] - d(1)]
+    }
+    #[inline(always)]
+    unsafe fn add(a: [f32; 2], b: [f32; 2]) -> [f32; 2] {
+        [a[0] + b[0], a[1] + b[1]]
+    }
+    #[inline(always)]
+    unsafe fn hsum4(v: [[f32; 2]; 4]) -> [f32; 4] {
+        v.map(|v| v[0] + v[1])
     }
 }
 
@@ -235,14 +248,6 @@ mod x86 {
         }
     }
 
-    #[inline(always)]
-    unsafe fn hsum256_ps(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
     /// The low nibbles of 32 bytes (block b's evens, block b+1's) and the high ones (their odds).
     #[inline(always)]
     unsafe fn nibbles(v: __m256i) -> (__m256i, __m256i) {
@@ -279,6 +284,7 @@ mod x86 {
                 unsafe fn load(p: *const f32) -> __m256 {
                     _mm256_loadu_ps(p)
                 }
+
                 #[inline(always)]
                 unsafe fn splat(v: f32) -> __m256 {
                     _mm256_set1_ps(v)
@@ -297,8 +303,22 @@ mod x86 {
                     _mm256_fmadd_ps(a, b, c)
                 }
                 #[inline(always)]
-                unsafe fn finish(a: __m256, b: __m256) -> f32 {
-                    hsum256_ps(_mm256_add_ps(a, b))
+                unsafe fn sub_products8(a: *const f32, b: *const f32, c: *const f32, acc: __m256) -> __m256 {
+                    let bc = _mm256_mul_ps(_mm256_loadu_ps(b), _mm256_loadu_ps(c));
+                    _mm256_fnmadd_ps(_mm256_loadu_ps(a), bc, acc)
+                }
+                #[inline(always)]
+                unsafe fn add(a: __m256, b: __m256) -> __m256 {
+                    _mm256_add_ps(a, b)
+                }
+                #[inline(always)]
+                unsafe fn hsum4([a, b, c, d]: [__m256; 4]) -> [f32; 4] {
+                    // Pairwise adds leave row j's two 128-bit half sums in lane j of each half.
+                    let h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+                    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+                    let mut out = [0.0f32; 4];
+                    _mm_storeu_ps(out.as_mut_ptr(), s);
+                    out
                 }
                 #[inline(always)]
                 unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
