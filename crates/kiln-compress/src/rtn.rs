@@ -228,11 +228,11 @@ mod tests {
 
     #[test]
     fn int4_kernel_runs_the_dequantized_weight() {
-        // W_eff from dequantize_int4 is what int4_matmul multiplies by: exactly up to f32 order
-        // for prefill (m > 4); decode (m ≤ 4) also rounds the activations to int8 per 32 block,
-        // about 0.5% relative on random data, hence 2e-2 there.
-        for (m, bound) in [(3, 2e-2), (6, 1e-5)] {
-            check_int4_kernel(m, bound);
+        // W_eff from dequantize_int4 is what int4_matmul multiplies by, on the activations
+        // rounded to int8 per 32 block (prefill and decode alike): about 0.5% relative on random
+        // data, hence 2e-2; kiln-tensor's own tests check the kernel exactly against its definition.
+        for m in [3, 6] {
+            check_int4_kernel(m, 2e-2);
         }
     }
 

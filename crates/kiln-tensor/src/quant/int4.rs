@@ -1,65 +1,48 @@
 //! Grouped asymmetric int4 linear layer: `out[r, o] = Σ_i x'[r, i] · (q[o, i] − z[o, g]) · s[o, g] + b[o]`
 //! with `g = i / group` and `x' = x / act_scale`.
 //!
-//! Decode (up to [`GEMV_MAX_ROWS`] rows) runs llama.cpp's Q4_0 × Q8_0 numerics: each row of `x'`
-//! is rounded to int8 per block of 32 (`sx_b = max|x'_b| / 127`, round half to even, as
+//! Prefill and decode both run llama.cpp's Q4_0 × Q8_0 numerics: each row of `x'` is rounded to
+//! int8 per block of 32 (`sx_b = max|x'_b| / 127`, round half to even, as
 //! [`quantize_activations`]), each weight row's 32-block is multiplied by it exactly in i32
-//! (`dot_b = Σ q·xq`, see [`I4Dot`]), and
-//! `out = Σ_b s_g·(sx_b·dot_b − z_g·sx_b·Σxq_b) + bias` in f32. That makes the
-//! multiply integer (half a byte of weight and one byte of activation per element) instead of
-//! two f32 FMAs per element. Prefill (more rows) dequantizes a tile of W to f32 once and runs a
-//! small GEMM on the f32 activations, so the two paths differ by the activation rounding:
-//! measured relative error (‖Δ‖₂/‖y‖₂) on a 3072 × 768 group-32 product, 3.5e-3 for uniform random
-//! activations and 1.0e-2 with a few 20× outlier channels (`int4_decode_activation_rounding_error`).
+//! (`dot_b = Σ q·xq`, see [`I4Dot`]), and `out = Σ_b s_g·(sx_b·dot_b − z_g·sx_b·Σxq_b) + bias`
+//! in f32. That makes the multiply integer (half a byte of weight and one byte of activation per
+//! element) instead of two f32 FMAs per element, and a prompt's rows get the same numbers as the
+//! tokens decoded after it. Against the f32-activation product the rounding costs, as relative
+//! error (‖Δ‖₂/‖y‖₂) on a 3072 × 768 group-32 product, 3.5e-3 for Gaussian activations and
+//! 1.0e-2 with a few 20× outlier channels (`int4_activation_rounding_error`).
 // Register arrays are indexed by row and unroll slot, the way the SIMD loops read.
 #![allow(clippy::needless_range_loop)]
 
 use half::slice::HalfFloatSliceExt;
 
-use super::qsimd::{deinterleave, lanes, I4Dot, QSimd, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
-use super::{
-    check_operands, for_row_blocks, for_rows, quantize_activations, tiled_prefill, DotPath, Int4Weight, GEMV_MAX_ROWS,
-};
+use super::qsimd::{I4Dot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
+use super::{check_operands, for_row_blocks, quantize_activations, DotPath, Int4Weight, GEMV_MAX_ROWS};
 use crate::kernels::SendPtr;
 use crate::simd::Isa;
 
-/// Int4, scalar and f64, straight from the definition: for `m ≤ GEMV_MAX_ROWS` (decode) on the
-/// activations rounded to int8 per 32 block, `Σ_b s_g·sx_b·(dot_b − z_g·Σxq_b)` with exact i32
-/// `dot_b` and f64 arithmetic on the f16/f32 scales; for more rows on the f32 activations.
+/// Int4, scalar and f64, straight from the definition: on the activations rounded to int8 per
+/// 32 block, `Σ_b s_g·sx_b·(dot_b − z_g·Σxq_b)` with exact i32 `dot_b` and f64 arithmetic on
+/// the f16/f32 scales.
 pub fn int4_matmul_reference(out: &mut [f32], inp: &[f32], w: &Int4Weight, bias: Option<&[f32]>, m: usize) {
     let (n, k) = (w.n, w.k);
     check_operands(out, inp, n, k, bias, m);
     let gpr = w.groups_per_row();
     let act = w.act_scale.as_deref();
-    if m <= GEMV_MAX_ROWS {
-        let mut xq = vec![0i8; k];
-        let mut sx = vec![0.0f32; k / I4_BLOCK];
-        for r in 0..m {
-            for (b, (q, s)) in xq.chunks_exact_mut(I4_BLOCK).zip(&mut sx).enumerate() {
-                *s = quantize_block(&inp[r * k..(r + 1) * k], act, b, q);
-            }
-            for o in 0..n {
-                let mut acc = bias.map_or(0.0, |b| b[o] as f64);
-                for (b, &s_x) in sx.iter().enumerate() {
-                    let g = o * gpr + b * I4_BLOCK / w.group;
-                    let is = b * I4_BLOCK..(b + 1) * I4_BLOCK;
-                    let dot: i32 = is.clone().map(|i| w.code(o, i) as i32 * xq[i] as i32).sum();
-                    let xsum: i32 = is.map(|i| xq[i] as i32).sum();
-                    let (sg, zg) = (w.scale[g].to_f64(), w.zero[g].to_f64());
-                    acc += sg * s_x as f64 * (dot as f64 - zg * xsum as f64);
-                }
-                out[r * n + o] = acc as f32;
-            }
-        }
-        return;
-    }
+    let mut xq = vec![0i8; k];
+    let mut sx = vec![0.0f32; k / I4_BLOCK];
     for r in 0..m {
+        for (b, (q, s)) in xq.chunks_exact_mut(I4_BLOCK).zip(&mut sx).enumerate() {
+            *s = quantize_block(&inp[r * k..(r + 1) * k], act, b, q);
+        }
         for o in 0..n {
             let mut acc = bias.map_or(0.0, |b| b[o] as f64);
-            for i in 0..k {
-                let g = o * gpr + i / w.group;
-                let wq = (w.code(o, i) as f64 - w.zero[g].to_f64()) * w.scale[g].to_f64();
-                acc += inp[r * k + i] as f64 / act.map_or(1.0, |s| s[i] as f64) * wq;
+            for (b, &s_x) in sx.iter().enumerate() {
+                let g = o * gpr + b * I4_BLOCK / w.group;
+                let is = b * I4_BLOCK..(b + 1) * I4_BLOCK;
+                let dot: i32 = is.clone().map(|i| w.code(o, i) as i32 * xq[i] as i32).sum();
+                let xsum: i32 = is.map(|i| xq[i] as i32).sum();
+                let (sg, zg) = (w.scale[g].to_f64(), w.zero[g].to_f64());
+                acc += sg * s_x as f64 * (dot as f64 - zg * xsum as f64);
             }
             out[r * n + o] = acc as f32;
         }
@@ -101,28 +84,10 @@ pub fn int4_matmul_isa(isa: Isa, out: &mut [f32], inp: &[f32], w: &Int4Weight, b
     if m == 0 || n == 0 {
         return;
     }
-    if m <= GEMV_MAX_ROWS {
-        return int4_decode(DotPath::for_isa(isa), out, inp, w, bias, m);
-    }
-    // x / act_scale, each block of 2·LANES reordered evens-then-odds to meet the codes as they unpack.
-    let lanes = lanes(isa);
-    let mut x = inp.to_vec();
-    let act = w.act_scale.as_deref();
-    for_rows(&mut x, k, |row| {
-        if let Some(s) = act {
-            row.iter_mut().zip(s).for_each(|(v, &d)| *v /= d);
-        }
-        deinterleave(row, lanes);
-    });
-    tiled_prefill(out, &x, n, k, bias, m, |o0, tile| {
-        // The tile's columns come out in the same evens-then-odds order as x.
-        let rows = tile.len() / k;
-        let (s, nzs) = group_params(w, o0, o0 + rows);
-        dequant_i4_v(isa, tile, o0, w, &s, &nzs)
-    })
+    int4_block_dots(DotPath::for_isa(isa), out, inp, w, bias, m)
 }
 
-/// Decode rows quantized per 32-block, laid out for [`I4Dot`].
+/// Activation rows quantized per 32-block, laid out for [`I4Dot`].
 struct BlockActs {
     /// Blocks per row, `k / 32`, and block pairs per row (the last may hold one block).
     nb: usize,
@@ -170,42 +135,36 @@ fn block_acts(inp: &[f32], w: &Int4Weight, m: usize) -> BlockActs {
     a
 }
 
-/// Decode: the rows quantized once per call, then output rows split over the threads.
-fn int4_decode(path: DotPath, out: &mut [f32], inp: &[f32], w: &Int4Weight, bias: Option<&[f32]>, m: usize) {
+/// The rows quantized once per call, then output rows split over the threads; each task runs
+/// four activation rows at a time against its weight rows, which stay in L2 between them.
+fn int4_block_dots(path: DotPath, out: &mut [f32], inp: &[f32], w: &Int4Weight, bias: Option<&[f32]>, m: usize) {
     let a = block_acts(inp, w, m);
     let dst = SendPtr(out.as_mut_ptr());
     let a = &a;
-    // The x86 paths convert the f16 scales with F16C, which every AVX2 CPU we know of has.
-    let path = if path == DotPath::Scalar || has_f16c() { path } else { DotPath::Scalar };
+    let gpr = w.groups_per_row();
     for_row_blocks(w.n, w.k / 2, |o0, o1| {
-        // The task's scales and zeros (scratch the kernel fills; 8 more, read past the last row).
-        let g = (o1 - o0) * w.groups_per_row() + 8;
-        let mut p = GroupScratch { s: vec![0.0; g], z: vec![0.0; g] };
-        // SAFETY: out is m·n long (checked by the caller) and this task writes only columns o0..o1.
-        unsafe { gemv_i4q_on(path, dst, a, w, bias, m, o0, o1, &mut p) }
+        // The task's scales and zeros as f32 (F16C through `half`), and 8 more read past the last row.
+        let len = (o1 - o0) * gpr;
+        let mut gs = GroupScales { s: vec![0.0; len + 8], z: vec![0.0; len + 8] };
+        w.scale[o0 * gpr..o1 * gpr].convert_to_f32_slice(&mut gs.s[..len]);
+        w.zero[o0 * gpr..o1 * gpr].convert_to_f32_slice(&mut gs.z[..len]);
+        for r0 in (0..m).step_by(GEMV_MAX_ROWS) {
+            let rows = GEMV_MAX_ROWS.min(m - r0);
+            // SAFETY: out is m·n long (checked by the caller) and this task writes only columns o0..o1.
+            unsafe { gemv_i4q_on(path, dst, a, w, bias, r0, rows, o0, o1, &gs) }
+        }
     });
 }
 
-/// One decode task's scales and zeros as f32, `[rows, gpr]` and 8 zeros more: a row's groups are
-/// read 8 at a time against [`BlockActs::zsum`], whose zero padding cancels what lies past them.
-struct GroupScratch {
+/// One task's scales and zeros as f32, `[rows, gpr]` and 8 zeros more: a row's groups are read
+/// 8 at a time against [`BlockActs::zsum`], whose zero padding cancels what lies past them.
+struct GroupScales {
     s: Vec<f32>,
     z: Vec<f32>,
 }
 
-fn has_f16c() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Output rows `o0..o1` for `R` activation rows, `G32` when a group is one block. First the
-/// task's scales and zeros to f32 in one pass. Per weight row and block pair: the exact dots as
+/// Output rows `o0..o1` for the `R` activation rows from `r0`, `G32` when a group is one block.
+/// Per weight row and block pair: the exact dots as
 /// f32 lanes, times `sx_b` (a mul), times `s_g` into two accumulators per activation row
 /// (alternate pairs, an FMA), less `Σ_g z_g·s_g·zsum_g` taken 8 groups at a time. Four
 /// weight rows' lane sums are reduced together, then the bias added.
@@ -216,20 +175,19 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
     a: &BlockActs,
     w: &Int4Weight,
     bias: Option<&[f32]>,
+    r0: usize,
     o0: usize,
     o1: usize,
-    gs: &mut GroupScratch,
+    gs: &GroupScales,
 ) {
     let (n, k, gpr, gpr8) = (w.n, w.k, w.groups_per_row(), a.gpr8);
     let (nb, pairs) = (a.nb, a.pairs);
     // Pairs per group: 1 (group 64) or 2 (group 128); unused for group 32.
     let pshift = (w.group / (2 * I4_BLOCK)).max(1).trailing_zeros();
-    let (xp, sxp, zsump) = (a.q.as_ptr(), a.sx.as_ptr(), a.zsum.as_ptr());
     let (xrow, sxrow) = (pairs * 2 * I4_BLOCK, pairs * 8);
-    let len = (o1 - o0) * gpr;
-    assert!(gs.s.len() == len + 8 && gs.z.len() == len + 8);
-    D::f16_to_f32(&w.scale[o0 * gpr..o1 * gpr], &mut gs.s[..len]);
-    D::f16_to_f32(&w.zero[o0 * gpr..o1 * gpr], &mut gs.z[..len]);
+    let (xp, sxp) = (a.q.as_ptr().add(r0 * xrow), a.sx.as_ptr().add(r0 * sxrow));
+    let (zsump, out) = (a.zsum.as_ptr().add(r0 * gpr8), SendPtr(out.0.add(r0 * n)));
+    assert!(gs.s.len() == (o1 - o0) * gpr + 8 && gs.z.len() == gs.s.len());
     let mut o4 = o0;
     while o4 < o1 {
         let rows = 4.min(o1 - o4);
@@ -301,20 +259,21 @@ unsafe fn gemv_i4q<D: I4Dot>(
     a: &BlockActs,
     w: &Int4Weight,
     bias: Option<&[f32]>,
+    r0: usize,
     m: usize,
     o0: usize,
     o1: usize,
-    gs: &mut GroupScratch,
+    gs: &GroupScales,
 ) {
     match (m, w.group == I4_BLOCK) {
-        (1, true) => gemv_i4q_rows::<D, 1, true>(out, a, w, bias, o0, o1, gs),
-        (1, false) => gemv_i4q_rows::<D, 1, false>(out, a, w, bias, o0, o1, gs),
-        (2, true) => gemv_i4q_rows::<D, 2, true>(out, a, w, bias, o0, o1, gs),
-        (2, false) => gemv_i4q_rows::<D, 2, false>(out, a, w, bias, o0, o1, gs),
-        (3, true) => gemv_i4q_rows::<D, 3, true>(out, a, w, bias, o0, o1, gs),
-        (3, false) => gemv_i4q_rows::<D, 3, false>(out, a, w, bias, o0, o1, gs),
-        (_, true) => gemv_i4q_rows::<D, 4, true>(out, a, w, bias, o0, o1, gs),
-        (_, false) => gemv_i4q_rows::<D, 4, false>(out, a, w, bias, o0, o1, gs),
+        (1, true) => gemv_i4q_rows::<D, 1, true>(out, a, w, bias, r0, o0, o1, gs),
+        (1, false) => gemv_i4q_rows::<D, 1, false>(out, a, w, bias, r0, o0, o1, gs),
+        (2, true) => gemv_i4q_rows::<D, 2, true>(out, a, w, bias, r0, o0, o1, gs),
+        (2, false) => gemv_i4q_rows::<D, 2, false>(out, a, w, bias, r0, o0, o1, gs),
+        (3, true) => gemv_i4q_rows::<D, 3, true>(out, a, w, bias, r0, o0, o1, gs),
+        (3, false) => gemv_i4q_rows::<D, 3, false>(out, a, w, bias, r0, o0, o1, gs),
+        (_, true) => gemv_i4q_rows::<D, 4, true>(out, a, w, bias, r0, o0, o1, gs),
+        (_, false) => gemv_i4q_rows::<D, 4, false>(out, a, w, bias, r0, o0, o1, gs),
     }
 }
 
@@ -326,10 +285,11 @@ unsafe fn gemv_i4q_on(
     a: &BlockActs,
     w: &Int4Weight,
     bias: Option<&[f32]>,
+    r0: usize,
     m: usize,
     o0: usize,
     o1: usize,
-    gs: &mut GroupScratch,
+    gs: &GroupScales,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -343,64 +303,30 @@ unsafe fn gemv_i4q_on(
                     a: &BlockActs,
                     w: &Int4Weight,
                     bias: Option<&[f32]>,
+                    r0: usize,
                     m: usize,
                     o0: usize,
                     o1: usize,
-                    gs: &mut GroupScratch,
+                    gs: &GroupScales,
                 ) {
-                    unsafe { gemv_i4q::<$d>(out, a, w, bias, m, o0, o1, gs) }
+                    unsafe { gemv_i4q::<$d>(out, a, w, bias, r0, m, o0, o1, gs) }
                 }
             };
         }
-        on!(on_vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", VnniDot);
-        on!(on_avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", Avx512Dot);
-        on!(on_avx2, "avx2,fma,f16c", Avx2Dot);
+        on!(on_vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma", VnniDot);
+        on!(on_avx512, "avx512f,avx512bw,avx512vl,avx2,fma", Avx512Dot);
+        on!(on_avx2, "avx2,fma", Avx2Dot);
         // SAFETY: `path` comes from `DotPath::for_isa`/`all_supported`, which checked the CPU
-        // (AVX2 with FMA), and `int4_decode` checked F16C.
+        // (AVX2 with FMA).
         match path {
-            DotPath::Vnni => return on_vnni(out, a, w, bias, m, o0, o1, gs),
-            DotPath::Avx512 => return on_avx512(out, a, w, bias, m, o0, o1, gs),
-            DotPath::Avx2 => return on_avx2(out, a, w, bias, m, o0, o1, gs),
+            DotPath::Vnni => return on_vnni(out, a, w, bias, r0, m, o0, o1, gs),
+            DotPath::Avx512 => return on_avx512(out, a, w, bias, r0, m, o0, o1, gs),
+            DotPath::Avx2 => return on_avx2(out, a, w, bias, r0, m, o0, o1, gs),
             DotPath::Scalar => {}
         }
     }
-    gemv_i4q::<ScalarDot>(out, a, w, bias, m, o0, o1, gs)
+    gemv_i4q::<ScalarDot>(out, a, w, bias, r0, m, o0, o1, gs)
 }
-
-/// Scales and `−zero·scale` of rows `o0..o1` as f32 (F16C through `half` where the CPU has it),
-/// so the inner loop dequantizes with one FMA.
-fn group_params(w: &Int4Weight, o0: usize, o1: usize) -> (Vec<f32>, Vec<f32>) {
-    let gpr = w.groups_per_row();
-    let range = o0 * gpr..o1 * gpr;
-    let mut s = vec![0.0f32; range.len()];
-    let mut nzs = vec![0.0f32; range.len()];
-    w.scale[range.clone()].convert_to_f32_slice(&mut s);
-    w.zero[range].convert_to_f32_slice(&mut nzs);
-    nzs.iter_mut().zip(&s).for_each(|(z, &sc)| *z = -*z * sc);
-    (s, nzs)
-}
-
-/// `tile[j, :] = (q[o0 + j, :] − z) · s` for the rows of one prefill tile, columns evens-then-odds per block.
-#[inline(always)]
-unsafe fn dequant_i4<S: QSimd>(tile: &mut [f32], o0: usize, w: &Int4Weight, s: &[f32], nzs: &[f32]) {
-    let (k, group) = (w.k, w.group);
-    let gpr = w.groups_per_row();
-    for (j, row) in tile.chunks_exact_mut(k).enumerate() {
-        let qp = w.packed.as_ptr().add((o0 + j) * k / 2);
-        let dst = row.as_mut_ptr();
-        for g in 0..gpr {
-            let (sv, bv) = (S::splat(s[j * gpr + g]), S::splat(nzs[j * gpr + g]));
-            let mut i = g * group;
-            while i < (g + 1) * group {
-                let (q0, q1) = S::load_u4(qp.add(i / 2));
-                S::store(dst.add(i), S::fma(q0, sv, bv));
-                S::store(dst.add(i + S::LANES), S::fma(q1, sv, bv));
-                i += 2 * S::LANES;
-            }
-        }
-    }
-}
-crate::multiversion!(fn dequant_i4_v(tile: &mut [f32], o0: usize, w: &Int4Weight, s: &[f32], nzs: &[f32]) => dequant_i4);
 
 #[cfg(test)]
 mod tests {
@@ -433,14 +359,14 @@ mod tests {
             .collect()
     }
 
-    /// The f64 weight `(q − z) · s`, without `act_scale` (the decode folds it into the activations).
+    /// The f64 weight `(q − z) · s`, without `act_scale` (the kernel folds it into the activations).
     fn dense_no_act(w: &Int4Weight) -> Vec<f64> {
         let mut u = w.clone();
         u.act_scale = None;
         dense(&u)
     }
 
-    /// The decode's activations as it multiplies them: `xq · sx_b` per 32 block.
+    /// The activations as the kernel multiplies them: `xq · sx_b` per 32 block.
     fn block_rounded(x: &[f32], w: &Int4Weight, m: usize) -> Vec<f32> {
         let k = w.k;
         let mut q = [0i8; I4_BLOCK];
@@ -471,13 +397,8 @@ mod tests {
                                 x[k..k + 32].fill(0.0);
                             }
                             let b = randn(&mut r, n, 1.0);
-                            // Decode multiplies the block-rounded activations by (q − z)·s.
-                            let decode = m <= GEMV_MAX_ROWS;
-                            let (x_eff, w_eff) = if decode {
-                                (block_rounded(&x, &w, m), dense_no_act(&w))
-                            } else {
-                                (x.clone(), dense(&w))
-                            };
+                            // The kernel multiplies the block-rounded activations by (q − z)·s.
+                            let (x_eff, w_eff) = (block_rounded(&x, &w, m), dense_no_act(&w));
                             for bias in [None, Some(&b[..])] {
                                 let mut y0 = vec![0.0; m * n];
                                 int4_matmul_reference(&mut y0, &x, &w, bias, m);
@@ -489,10 +410,10 @@ mod tests {
                                     int4_matmul_isa(isa, &mut y, &x, &w, bias, m);
                                     check(format!("int4 {isa:?} m{m} n{n} k{k} g{group} act{act}"), &y);
                                 }
-                                for path in DotPath::all_supported().into_iter().filter(|_| decode) {
+                                for path in DotPath::all_supported() {
                                     let mut y = vec![f32::NAN; m * n];
-                                    int4_decode(path, &mut y, &x, &w, bias, m);
-                                    check(format!("int4 decode {path:?} m{m} n{n} k{k} g{group} act{act}"), &y);
+                                    int4_block_dots(path, &mut y, &x, &w, bias, m);
+                                    check(format!("int4 {path:?} m{m} n{n} k{k} g{group} act{act}"), &y);
                                 }
                             }
                         }
@@ -503,26 +424,27 @@ mod tests {
     }
 
     #[test]
-    fn int4_decode_activation_rounding_error() {
-        // Decode (int8 activations per 32 block) against the f32-activation product prefill
-        // computes: Gaussian-ish activations, and the same with a few 20× outlier channels as
-        // LLM hidden states have, on a 3072 × 768 (MLP up) shape with group 32.
+    fn int4_activation_rounding_error() {
+        // The kernel (int8 activations per 32 block) against the f64 product with the f32
+        // activations: Gaussian-ish activations, and the same with a few 20× outlier channels
+        // as LLM hidden states have, on a 3072 × 768 (MLP up) shape with group 32.
         let (n, k) = (3072, 768);
         let w = random_weight(21, n, k, 32, false);
+        let wd = dense(&w);
         let mut r = rng(22);
         for outliers in [false, true] {
             let mut x = randn(&mut r, k, 1.0);
             if outliers {
                 (0..k).step_by(97).for_each(|i| x[i] *= 20.0);
             }
-            let (mut y, mut y0) = (vec![0.0; n], vec![0.0; n]);
+            let mut y = vec![0.0; n];
             int4_matmul(&mut y, &x, &w, None, 1);
-            // The f32-activation definition, as prefill runs it.
-            let mut u = vec![0.0; 8 * n];
-            int4_matmul_reference(&mut u, &x.repeat(8), &w, None, 8);
-            y0.copy_from_slice(&u[..n]);
+            let y0: Vec<f32> = wd
+                .chunks_exact(k)
+                .map(|row| row.iter().zip(&x).map(|(&a, &b)| a * b as f64).sum::<f64>() as f32)
+                .collect();
             let e = rel_err(&y, &y0);
-            eprintln!("int4 decode vs f32 activations, outliers {outliers}: relative error {e:.2e}");
+            eprintln!("int4 vs f32 activations, outliers {outliers}: relative error {e:.2e}");
             assert!(e < 2e-2, "outliers {outliers}: {e}");
         }
     }

@@ -1,31 +1,24 @@
 //! The integer loads the quantized kernels add to [`Simd`], and the exact int8 dot products of W8A8.
 //!
-//! [`QSimd`] widens stored codes to f32 lanes (int8 → f32; two 4-bit codes per byte → f32 in
-//! element order) so the weight-only kernels dequantize in registers and stream only the packed
-//! bytes. [`IntDot`] is Σ w·x over int8 pairs into i32 on one weight row and up to four
+//! [`QSimd`] widens stored int8 codes to f32 lanes so the int8 weight-only kernels dequantize in
+//! registers and stream only the bytes. [`IntDot`] is Σ w·x over int8 pairs into i32 on one weight row and up to four
 //! activation rows: AVX2 and AVX-512BW sign-extend to i16 and use `vpmaddwd` (a pair of i8·i8
 //! products cannot overflow i32, so nothing saturates); AVX512-VNNI uses `vpdpbusd`, which wants
 //! one unsigned operand, so it runs on x + 128 (x ^ 0x80) and subtracts 128·Σw. All integer sums
 //! wrap modulo 2³², so every path gives the same i32 whenever the true sum fits in one.
 //!
-//! [`I4Dot`] is the int4 decode's block product: 32 4-bit codes (16 packed bytes) times 32 int8
+//! [`I4Dot`] is the int4 kernel's block product: 32 4-bit codes (16 packed bytes) times 32 int8
 //! activations, exact in i32, scaled into f32 partial sums (llama.cpp's Q4_0 × Q8_0 block).
 #![allow(clippy::missing_safety_doc)]
 // Register arrays are indexed by row and unroll slot, the way the SIMD loops read.
 #![allow(clippy::needless_range_loop)]
 
-use half::f16;
-
-use crate::simd::{Isa, Scalar, Simd};
+use crate::simd::{Scalar, Simd};
 
 /// Code-widening loads on top of the f32 lanes of [`Simd`].
 pub(crate) trait QSimd: Simd {
     /// `LANES` int8 values at `p`, as f32.
     unsafe fn load_i8(p: *const i8) -> Self::V;
-    /// `2·LANES` 4-bit codes from the `LANES` bytes at `p` as f32: the low nibbles (elements
-    /// 0, 2, 4, …) and the high nibbles (elements 1, 3, 5, …). Pairing them with activations
-    /// stored in that order ([`deinterleave`]) saves unpacking the nibbles into element order.
-    unsafe fn load_u4(p: *const u8) -> (Self::V, Self::V);
     /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
     #[inline(always)]
     unsafe fn prefetch(_p: *const u8) {}
@@ -39,35 +32,6 @@ impl QSimd for Scalar {
     #[inline(always)]
     unsafe fn load_i8(p: *const i8) -> f32 {
         *p as f32
-    }
-    #[inline(always)]
-    unsafe fn load_u4(p: *const u8) -> (f32, f32) {
-        let b = *p;
-        ((b & 0x0F) as f32, (b >> 4) as f32)
-    }
-}
-
-/// The f32 lanes of the fast kernels on `isa` (the pairing width of [`QSimd::load_u4`]).
-pub(crate) fn lanes(isa: Isa) -> usize {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => 16,
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => 8,
-        _ => 1,
-    }
-}
-
-/// Reorders each block of `2·lanes` values of a row to its even elements then its odd ones,
-/// the order [`QSimd::load_u4`] yields codes in. `row.len()` must be a multiple of `2·lanes`.
-pub(crate) fn deinterleave(row: &mut [f32], lanes: usize) {
-    let mut tmp = [0.0f32; 32];
-    for blk in row.chunks_exact_mut(2 * lanes) {
-        for j in 0..lanes {
-            tmp[j] = blk[2 * j];
-            tmp[lanes + j] = blk[2 * j + 1];
-        }
-        blk.copy_from_slice(&tmp[..2 * lanes]);
     }
 }
 
@@ -131,18 +95,12 @@ pub(crate) trait I4Dot {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     /// The lane sums of four vectors (four output rows reduced together).
     unsafe fn hsum4(v: [Self::V; 4]) -> [f32; 4];
-    /// `dst = src` as f32 (F16C on x86): a weight row's group scales and zeros.
-    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]);
     /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
     #[inline(always)]
     unsafe fn prefetch(_p: *const u8) {}
 }
 
 impl I4Dot for ScalarDot {
-    #[inline(always)]
-    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
-    }
     type Q = (*const u8, bool);
     type V = [f32; 2];
     #[inline(always)]
@@ -211,19 +169,12 @@ pub(crate) use x86::{Avx2Dot, Avx512Dot, VnniDot};
 mod x86 {
     use super::{I4Dot, IntDot, QSimd};
     use crate::simd::{Avx2, Avx512};
-    use half::f16;
     use std::arch::x86_64::*;
 
     impl QSimd for Avx2 {
         #[inline(always)]
         unsafe fn load_i8(p: *const i8) -> __m256 {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-        }
-        #[inline(always)]
-        unsafe fn load_u4(p: *const u8) -> (__m256, __m256) {
-            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-            let lo = _mm256_and_si256(v, _mm256_set1_epi32(0x0F));
-            (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v)))
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
@@ -235,12 +186,6 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_i8(p: *const i8) -> __m512 {
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
-        }
-        #[inline(always)]
-        unsafe fn load_u4(p: *const u8) -> (__m512, __m512) {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-            let lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
-            (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)))
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8) {
@@ -319,21 +264,6 @@ mod x86 {
                     let mut out = [0.0f32; 4];
                     _mm_storeu_ps(out.as_mut_ptr(), s);
                     out
-                }
-                #[inline(always)]
-                unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-                    let n = src.len().min(dst.len());
-                    let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
-                    let mut i = 0;
-                    while i + 8 <= n {
-                        let h = _mm_loadu_si128(sp.add(i) as *const __m128i);
-                        _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(h));
-                        i += 8;
-                    }
-                    while i < n {
-                        *dp.add(i) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*sp.add(i) as i32)));
-                        i += 1;
-                    }
                 }
                 #[inline(always)]
                 unsafe fn prefetch(p: *const u8) {
