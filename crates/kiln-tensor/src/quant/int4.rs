@@ -13,8 +13,6 @@
 // Register arrays are indexed by row and unroll slot, the way the SIMD loops read.
 #![allow(clippy::needless_range_loop)]
 
-use half::slice::HalfFloatSliceExt;
-
 use super::qsimd::{I4Dot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, quantize_activations, DotPath, Int4Weight, GEMV_MAX_ROWS};
 use crate::kernels::SendPtr;
@@ -142,29 +140,52 @@ fn int4_block_dots(path: DotPath, out: &mut [f32], inp: &[f32], w: &Int4Weight, 
     let dst = SendPtr(out.as_mut_ptr());
     let a = &a;
     let gpr = w.groups_per_row();
+    // The x86 paths convert the f16 scales with F16C, which every AVX2 CPU we know of has.
+    let path = if path == DotPath::Scalar || has_f16c() { path } else { DotPath::Scalar };
     for_row_blocks(w.n, w.k / 2, |o0, o1| {
-        // The task's scales and zeros as f32 (F16C through `half`), and 8 more read past the last row.
-        let len = (o1 - o0) * gpr;
-        let mut gs = GroupScales { s: vec![0.0; len + 8], z: vec![0.0; len + 8] };
-        w.scale[o0 * gpr..o1 * gpr].convert_to_f32_slice(&mut gs.s[..len]);
-        w.zero[o0 * gpr..o1 * gpr].convert_to_f32_slice(&mut gs.z[..len]);
-        for r0 in (0..m).step_by(GEMV_MAX_ROWS) {
-            let rows = GEMV_MAX_ROWS.min(m - r0);
-            // SAFETY: out is m·n long (checked by the caller) and this task writes only columns o0..o1.
-            unsafe { gemv_i4q_on(path, dst, a, w, bias, r0, rows, o0, o1, &gs) }
-        }
+        GROUP_SCALES.with_borrow_mut(|gs| {
+            // Grown, never cleared: what lies past the task's rows is finite (zeros or old scales).
+            let len = (o1 - o0) * gpr + 8;
+            if gs.s.len() < len {
+                gs.s.resize(len, 0.0);
+                gs.z.resize(len, 0.0);
+            }
+            for r0 in (0..m).step_by(GEMV_MAX_ROWS) {
+                let rows = GEMV_MAX_ROWS.min(m - r0);
+                // SAFETY: out is m·n long (checked by the caller) and this task writes only columns o0..o1.
+                unsafe { gemv_i4q_on(path, dst, a, w, bias, r0, rows, o0, o1, gs) }
+            }
+        })
     });
 }
 
-/// One task's scales and zeros as f32, `[rows, gpr]` and 8 zeros more: a row's groups are read
-/// 8 at a time against [`BlockActs::zsum`], whose zero padding cancels what lies past them.
+fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One task's scales and zeros as f32, `[rows, gpr]` and at least 8 finite values more: a row's
+/// groups are read 8 at a time against [`BlockActs::zsum`], whose zero padding cancels what
+/// lies past them.
+#[derive(Default)]
 struct GroupScales {
     s: Vec<f32>,
     z: Vec<f32>,
 }
 
+thread_local! {
+    // Per worker thread, so a decode step allocates and clears nothing for its scales.
+    static GROUP_SCALES: std::cell::RefCell<GroupScales> = std::cell::RefCell::new(GroupScales::default());
+}
+
 /// Output rows `o0..o1` for the `R` activation rows from `r0`, `G32` when a group is one block.
-/// Per weight row and block pair: the exact dots as
+/// The call with `r0 = 0` first converts the rows' scales and zeros into `gs`. Per weight row and block pair: the exact dots as
 /// f32 lanes, times `sx_b` (a mul), times `s_g` into two accumulators per activation row
 /// (alternate pairs, an FMA), less `Σ_g z_g·s_g·zsum_g` taken 8 groups at a time. Four
 /// weight rows' lane sums are reduced together, then the bias added.
@@ -178,7 +199,7 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
     r0: usize,
     o0: usize,
     o1: usize,
-    gs: &GroupScales,
+    gs: &mut GroupScales,
 ) {
     let (n, k, gpr, gpr8) = (w.n, w.k, w.groups_per_row(), a.gpr8);
     let (nb, pairs) = (a.nb, a.pairs);
@@ -187,7 +208,14 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
     let (xrow, sxrow) = (pairs * 2 * I4_BLOCK, pairs * 8);
     let (xp, sxp) = (a.q.as_ptr().add(r0 * xrow), a.sx.as_ptr().add(r0 * sxrow));
     let (zsump, out) = (a.zsum.as_ptr().add(r0 * gpr8), SendPtr(out.0.add(r0 * n)));
-    assert!(gs.s.len() == (o1 - o0) * gpr + 8 && gs.z.len() == gs.s.len());
+    let len = (o1 - o0) * gpr;
+    assert!(gs.s.len() >= len + 8 && gs.z.len() >= len + 8);
+    if r0 == 0 {
+        // The first activation rows fill the task's scales for the later ones (F16C, inline:
+        // `half`'s slice conversion, a call per 8 values, took a quarter of a decode).
+        D::f16_to_f32(&w.scale[o0 * gpr..o1 * gpr], &mut gs.s[..len]);
+        D::f16_to_f32(&w.zero[o0 * gpr..o1 * gpr], &mut gs.z[..len]);
+    }
     let mut o4 = o0;
     while o4 < o1 {
         let rows = 4.min(o1 - o4);
@@ -263,7 +291,7 @@ unsafe fn gemv_i4q<D: I4Dot>(
     m: usize,
     o0: usize,
     o1: usize,
-    gs: &GroupScales,
+    gs: &mut GroupScales,
 ) {
     match (m, w.group == I4_BLOCK) {
         (1, true) => gemv_i4q_rows::<D, 1, true>(out, a, w, bias, r0, o0, o1, gs),
@@ -289,7 +317,7 @@ unsafe fn gemv_i4q_on(
     m: usize,
     o0: usize,
     o1: usize,
-    gs: &GroupScales,
+    gs: &mut GroupScales,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -307,17 +335,17 @@ unsafe fn gemv_i4q_on(
                     m: usize,
                     o0: usize,
                     o1: usize,
-                    gs: &GroupScales,
+                    gs: &mut GroupScales,
                 ) {
                     unsafe { gemv_i4q::<$d>(out, a, w, bias, r0, m, o0, o1, gs) }
                 }
             };
         }
-        on!(on_vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma", VnniDot);
-        on!(on_avx512, "avx512f,avx512bw,avx512vl,avx2,fma", Avx512Dot);
-        on!(on_avx2, "avx2,fma", Avx2Dot);
+        on!(on_vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", VnniDot);
+        on!(on_avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", Avx512Dot);
+        on!(on_avx2, "avx2,fma,f16c", Avx2Dot);
         // SAFETY: `path` comes from `DotPath::for_isa`/`all_supported`, which checked the CPU
-        // (AVX2 with FMA).
+        // (AVX2 with FMA), and `int4_block_dots` checked F16C.
         match path {
             DotPath::Vnni => return on_vnni(out, a, w, bias, r0, m, o0, o1, gs),
             DotPath::Avx512 => return on_avx512(out, a, w, bias, r0, m, o0, o1, gs),

@@ -13,6 +13,8 @@
 // Register arrays are indexed by row and unroll slot, the way the SIMD loops read.
 #![allow(clippy::needless_range_loop)]
 
+use half::f16;
+
 use crate::simd::{Scalar, Simd};
 
 /// Code-widening loads on top of the f32 lanes of [`Simd`].
@@ -95,12 +97,18 @@ pub(crate) trait I4Dot {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     /// The lane sums of four vectors (four output rows reduced together).
     unsafe fn hsum4(v: [Self::V; 4]) -> [f32; 4];
+    /// `dst = src` as f32 (F16C on x86): a task's group scales and zeros.
+    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]);
     /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
     #[inline(always)]
     unsafe fn prefetch(_p: *const u8) {}
 }
 
 impl I4Dot for ScalarDot {
+    #[inline(always)]
+    unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+    }
     type Q = (*const u8, bool);
     type V = [f32; 2];
     #[inline(always)]
@@ -169,6 +177,7 @@ pub(crate) use x86::{Avx2Dot, Avx512Dot, VnniDot};
 mod x86 {
     use super::{I4Dot, IntDot, QSimd};
     use crate::simd::{Avx2, Avx512};
+    use half::f16;
     use std::arch::x86_64::*;
 
     impl QSimd for Avx2 {
@@ -246,6 +255,21 @@ mod x86 {
                 #[inline(always)]
                 unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
                     _mm256_fmadd_ps(a, b, c)
+                }
+                #[inline(always)]
+                unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+                    let n = src.len().min(dst.len());
+                    let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        let h = _mm_loadu_si128(sp.add(i) as *const __m128i);
+                        _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(h));
+                        i += 8;
+                    }
+                    while i < n {
+                        *dp.add(i) = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*sp.add(i) as i32)));
+                        i += 1;
+                    }
                 }
                 #[inline(always)]
                 unsafe fn sub_products8(a: *const f32, b: *const f32, c: *const f32, acc: __m256) -> __m256 {
