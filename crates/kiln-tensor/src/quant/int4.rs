@@ -143,19 +143,13 @@ fn int4_block_dots(path: DotPath, out: &mut [f32], inp: &[f32], w: &Int4Weight, 
     // The x86 paths convert the f16 scales with F16C, which every AVX2 CPU we know of has.
     let path = if path == DotPath::Scalar || has_f16c() { path } else { DotPath::Scalar };
     for_row_blocks(w.n, w.k / 2, |o0, o1| {
-        GROUP_SCALES.with_borrow_mut(|gs| {
-            // Grown, never cleared: what lies past the task's rows is finite (zeros or old scales).
-            let len = (o1 - o0) * gpr + 8;
-            if gs.s.len() < len {
-                gs.s.resize(len, 0.0);
-                gs.z.resize(len, 0.0);
-            }
-            for r0 in (0..m).step_by(GEMV_MAX_ROWS) {
-                let rows = GEMV_MAX_ROWS.min(m - r0);
-                // SAFETY: out is m·n long (checked by the caller) and this task writes only columns o0..o1.
-                unsafe { gemv_i4q_on(path, dst, a, w, bias, r0, rows, o0, o1, gs) }
-            }
-        })
+        // Four weight rows' scales and zeros, and 8 more read past the last (finite: zeros or older rows).
+        let mut gs = GroupScales { s: vec![0.0; 4 * gpr + 8], z: vec![0.0; 4 * gpr + 8] };
+        for r0 in (0..m).step_by(GEMV_MAX_ROWS) {
+            let rows = GEMV_MAX_ROWS.min(m - r0);
+            // SAFETY: out is m·n long (checked by the caller) and this task writes only columns o0..o1.
+            unsafe { gemv_i4q_on(path, dst, a, w, bias, r0, rows, o0, o1, &mut gs) }
+        }
     });
 }
 
@@ -170,23 +164,18 @@ fn has_f16c() -> bool {
     }
 }
 
-/// One task's scales and zeros as f32, `[rows, gpr]` and at least 8 finite values more: a row's
+/// Four weight rows' scales and zeros as f32, `[4, gpr]` and 8 finite values more: a row's
 /// groups are read 8 at a time against [`BlockActs::zsum`], whose zero padding cancels what
 /// lies past them.
-#[derive(Default)]
 struct GroupScales {
     s: Vec<f32>,
     z: Vec<f32>,
 }
 
-thread_local! {
-    // Per worker thread, so a decode step allocates and clears nothing for its scales.
-    static GROUP_SCALES: std::cell::RefCell<GroupScales> = std::cell::RefCell::new(GroupScales::default());
-}
-
 /// Output rows `o0..o1` for the `R` activation rows from `r0`, `G32` when a group is one block.
-/// The call with `r0 = 0` first converts the rows' scales and zeros into `gs`. Per weight row and block pair: the exact dots as
-/// f32 lanes, times `sx_b` (a mul), times `s_g` into two accumulators per activation row
+/// Four weight rows at a time: their scales and zeros to f32 in `gs` (converted next to the
+/// rows they scale, so a cold decode streams both together), then per weight row and block
+/// pair the exact dots as f32 lanes, times `sx_b` (a mul), times `s_g` into two accumulators per activation row
 /// (alternate pairs, an FMA), less `Σ_g z_g·s_g·zsum_g` taken 8 groups at a time. Four
 /// weight rows' lane sums are reduced together, then the bias added.
 #[allow(clippy::too_many_arguments)]
@@ -208,22 +197,19 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
     let (xrow, sxrow) = (pairs * 2 * I4_BLOCK, pairs * 8);
     let (xp, sxp) = (a.q.as_ptr().add(r0 * xrow), a.sx.as_ptr().add(r0 * sxrow));
     let (zsump, out) = (a.zsum.as_ptr().add(r0 * gpr8), SendPtr(out.0.add(r0 * n)));
-    let len = (o1 - o0) * gpr;
-    assert!(gs.s.len() >= len + 8 && gs.z.len() >= len + 8);
-    if r0 == 0 {
-        // The first activation rows fill the task's scales for the later ones (F16C, inline:
-        // `half`'s slice conversion, a call per 8 values, took a quarter of a decode).
-        D::f16_to_f32(&w.scale[o0 * gpr..o1 * gpr], &mut gs.s[..len]);
-        D::f16_to_f32(&w.zero[o0 * gpr..o1 * gpr], &mut gs.z[..len]);
-    }
+    assert!(gs.s.len() == 4 * gpr + 8 && gs.z.len() == gs.s.len());
     let mut o4 = o0;
     while o4 < o1 {
         let rows = 4.min(o1 - o4);
+        // F16C inline: `half`'s slice conversion, a call per 8 values, took a quarter of a decode.
+        let g = o4 * gpr..(o4 + rows) * gpr;
+        D::f16_to_f32(&w.scale[g.clone()], &mut gs.s[..rows * gpr]);
+        D::f16_to_f32(&w.zero[g], &mut gs.z[..rows * gpr]);
         let mut tot = [[D::zero(); 4]; R];
         for j in 0..rows {
             let o = o4 + j;
             let qp = w.packed.as_ptr().add(o * k / 2);
-            let (sp, zp) = (gs.s.as_ptr().add((o - o0) * gpr), gs.z.as_ptr().add((o - o0) * gpr));
+            let (sp, zp) = (gs.s.as_ptr().add(j * gpr), gs.z.as_ptr().add(j * gpr));
             // The scales of pair p (both halves: G32 reads s_{2p}, s_{2p+1}).
             let svec = |p: usize| if G32 { D::splat2(sp.add(2 * p)) } else { D::splat(*sp.add(p >> pshift)) };
             // −Σ_g z_g·s_g·zsum_g first, a chain of its own that overlaps the dots.
