@@ -27,12 +27,8 @@ pub use int8::{
     w8a8_matmul_isa, w8a8_matmul_reference, W8A8_MAX_K,
 };
 
-use std::borrow::Cow;
-
 use half::f16;
 use rayon::prelude::*;
-
-use crate::kernels::SendPtr;
 
 /// Why a quantized weight could not be built.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -217,31 +213,8 @@ fn check_operands(out: &[f32], inp: &[f32], n: usize, k: usize, bias: Option<&[f
     assert!(bias.is_none_or(|b| b.len() == n), "quantized matmul: bias length is not n = {n}");
 }
 
-/// `inp / act_scale` row by row (borrowed unchanged when there is no scale).
-fn scaled_input<'a>(inp: &'a [f32], act_scale: Option<&[f32]>, k: usize) -> Cow<'a, [f32]> {
-    match act_scale {
-        None => Cow::Borrowed(inp),
-        Some(s) => {
-            assert_eq!(s.len(), k, "act_scale length is not k = {k}");
-            let mut x = inp.to_vec();
-            for_rows(&mut x, k, |row| row.iter_mut().zip(s).for_each(|(v, &d)| *v /= d));
-            Cow::Owned(x)
-        }
-    }
-}
-
-/// Runs `f` on each `k`-long row of `x`: on the calling thread for a few rows (a decode step,
-/// where handing work to the pool costs more than the work), on all threads otherwise.
-fn for_rows(x: &mut [f32], k: usize, f: impl Fn(&mut [f32]) + Sync) {
-    if x.len() < 16 * k {
-        x.chunks_mut(k.max(1)).for_each(f);
-    } else {
-        x.par_chunks_mut(k.max(1)).for_each(&f);
-    }
-}
-
-/// Rows up to which the weight-only kernels multiply straight from the packed weights (decode);
-/// above it they dequantize a tile of W once and run a small f32 GEMM on it.
+/// Activation rows the weight-only kernels run against each weight row at once (a decode step
+/// takes one pass; a prompt takes one per four rows, the task's weights staying in L2).
 const GEMV_MAX_ROWS: usize = 4;
 /// Weight bytes one task streams at most: long contiguous runs for the prefetchers, and still
 /// a whole number of tasks per thread.
@@ -255,63 +228,6 @@ fn for_row_blocks(n: usize, row_bytes: usize, f: impl Fn(usize, usize) + Sync) {
     let per_thread = (n * row_bytes).div_ceil(threads * TASK_BYTES).max(1);
     let rows = n.div_ceil(threads * per_thread).max(1);
     (0..n.div_ceil(rows)).into_par_iter().for_each(|b| f(b * rows, n.min((b + 1) * rows)));
-}
-
-/// Weight rows dequantized per prefill tile: 64 rows of k ≤ 4096 f32 stay within L2.
-const TILE_ROWS: usize = 64;
-
-/// Prefill for the weight-only formats: each task dequantizes `TILE_ROWS` weight rows into an
-/// f32 tile with `dequant(o0, tile)` and multiplies all `m` rows by it with a single-threaded
-/// `gemm`, writing its own columns of `out`.
-fn tiled_prefill(
-    out: &mut [f32],
-    x: &[f32],
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    m: usize,
-    dequant: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    let dst = SendPtr(out.as_mut_ptr());
-    (0..n.div_ceil(TILE_ROWS)).into_par_iter().for_each(|t| {
-        let o0 = t * TILE_ROWS;
-        let rows = TILE_ROWS.min(n - o0);
-        let mut tile = vec![0.0f32; rows * k];
-        dequant(o0, &mut tile);
-        // SAFETY: out is m·n long (checked by the caller); this task writes only columns
-        // o0..o0+rows of each row, which no other task touches; x and tile are m·k and rows·k.
-        unsafe {
-            let d = dst.add(o0);
-            // dst[m, rows] = x[m, k] · tileᵀ, tileᵀ(i, j) = tile[j·k + i].
-            gemm::gemm(
-                m,
-                rows,
-                k,
-                d.0,
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                tile.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-            if let Some(b) = bias {
-                for r in 0..m {
-                    let row = std::slice::from_raw_parts_mut(d.0.add(r * n), rows);
-                    row.iter_mut().zip(&b[o0..o0 + rows]).for_each(|(y, &bb)| *y += bb);
-                }
-            }
-        }
-    });
 }
 
 /// The instruction set the int8 dot products of W8A8 run on: the [`crate::Isa`] levels, plus

@@ -1,41 +1,23 @@
-//! The integer loads the quantized kernels add to [`Simd`], and the exact int8 dot products of W8A8.
+//! The exact integer dot products of the quantized kernels.
 //!
-//! [`QSimd`] widens stored int8 codes to f32 lanes so the int8 weight-only kernels dequantize in
-//! registers and stream only the bytes. [`IntDot`] is Σ w·x over int8 pairs into i32 on one weight row and up to four
+//! [`IntDot`] is Σ w·x over int8 pairs into i32 on one weight row and up to four
 //! activation rows: AVX2 and AVX-512BW sign-extend to i16 and use `vpmaddwd` (a pair of i8·i8
 //! products cannot overflow i32, so nothing saturates); AVX512-VNNI uses `vpdpbusd`, which wants
 //! one unsigned operand, so it runs on x + 128 (x ^ 0x80) and subtracts 128·Σw. All integer sums
 //! wrap modulo 2³², so every path gives the same i32 whenever the true sum fits in one.
 //!
 //! [`I4Dot`] is the int4 kernel's block product: 32 4-bit codes (16 packed bytes) times 32 int8
-//! activations, exact in i32, scaled into f32 partial sums (llama.cpp's Q4_0 × Q8_0 block).
+//! activations, exact in i32, scaled into f32 partial sums (llama.cpp's Q4_0 × Q8_0 block);
+//! [`I8Dot`] the same for 32 int8 codes (Q8_0 × Q8_0), used by the int8 weight-only kernel.
 #![allow(clippy::missing_safety_doc)]
 // Register arrays are indexed by row and unroll slot, the way the SIMD loops read.
 #![allow(clippy::needless_range_loop)]
 
 use half::f16;
 
-use crate::simd::{Scalar, Simd};
-
-/// Code-widening loads on top of the f32 lanes of [`Simd`].
-pub(crate) trait QSimd: Simd {
-    /// `LANES` int8 values at `p`, as f32.
-    unsafe fn load_i8(p: *const i8) -> Self::V;
-    /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
-    #[inline(always)]
-    unsafe fn prefetch(_p: *const u8) {}
-}
-
 /// How far ahead of the weights being multiplied the decode kernels prefetch: on a Xeon
 /// (AVX-512, 2 threads) it cut a cold int8/int4 decode GEMV's time by 15–35%.
 pub(crate) const PREFETCH_BYTES: usize = 1024;
-
-impl QSimd for Scalar {
-    #[inline(always)]
-    unsafe fn load_i8(p: *const i8) -> f32 {
-        *p as f32
-    }
-}
 
 /// Exact int8 dot products of one weight row with `R` (1..=4) activation rows.
 pub(crate) trait IntDot {
@@ -170,37 +152,69 @@ impl I4Dot for ScalarDot {
     }
 }
 
+/// Exact products of int8 weight blocks with int8 activation blocks, two 32-element blocks (64
+/// codes) at a time: the int8 weight-only kernel's block product (llama.cpp's Q8_0 × Q8_0).
+///
+/// [`I8Dot::dots`] gives f32 lanes whose first half sums to block b's i32 dot and second half to
+/// block b+1's; each lane holds at most four products (|Σ| ≤ 4·128·127 < 2²⁴), so it converts
+/// exactly. Where `FLIPPED`, the activations are stored as x ^ 0x80 (x + 128 as u8, for
+/// `vpdpbusd`) and [`I8Dot::prepare`] folds −128·Σw into the weight pair.
+pub(crate) trait I8Dot {
+    /// A weight pair ready for every activation row, held by value (not a pointer to the codes).
+    type W: Copy;
+    /// f32 lanes, the first half for block b and the second for block b+1.
+    type V: Copy;
+    const FLIPPED: bool;
+    unsafe fn zero() -> Self::V;
+    /// The 64 codes at `w`.
+    unsafe fn prepare(w: *const i8) -> Self::W;
+    /// The two exact dots with the 64 activation bytes at `x`, spread over the lanes.
+    unsafe fn dots(w: Self::W, x: *const i8) -> Self::V;
+    /// `acc + d·s` with `s` 16 floats: block b's scale 8 times, then block b+1's.
+    unsafe fn fma_scales(d: Self::V, s: *const f32, acc: Self::V) -> Self::V;
+    /// The lane sums of four vectors (four output rows reduced together).
+    unsafe fn hsum4(v: [Self::V; 4]) -> [f32; 4];
+    /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const u8) {}
+}
+
+impl I8Dot for ScalarDot {
+    /// A copy: the codes may come from a scratch buffer that the next row overwrites.
+    type W = [i8; 64];
+    type V = [f32; 2];
+    const FLIPPED: bool = false;
+    #[inline(always)]
+    unsafe fn zero() -> [f32; 2] {
+        [0.0; 2]
+    }
+    #[inline(always)]
+    unsafe fn prepare(w: *const i8) -> [i8; 64] {
+        *(w as *const [i8; 64])
+    }
+    #[inline(always)]
+    unsafe fn dots(w: [i8; 64], x: *const i8) -> [f32; 2] {
+        let d = |h: usize| (32 * h..32 * h + 32).map(|i| w[i] as i32 * *x.add(i) as i32).sum::<i32>();
+        [d(0) as f32, d(1) as f32]
+    }
+    #[inline(always)]
+    unsafe fn fma_scales(d: [f32; 2], s: *const f32, acc: [f32; 2]) -> [f32; 2] {
+        [d[0] * *s + acc[0], d[1] * *s.add(8) + acc[1]]
+    }
+    #[inline(always)]
+    unsafe fn hsum4(v: [[f32; 2]; 4]) -> [f32; 4] {
+        v.map(|v| v[0] + v[1])
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2Dot, Avx512Dot, VnniDot};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{I4Dot, IntDot, QSimd};
-    use crate::simd::{Avx2, Avx512};
+    use super::{I4Dot, I8Dot, IntDot};
     use half::f16;
     use std::arch::x86_64::*;
-
-    impl QSimd for Avx2 {
-        #[inline(always)]
-        unsafe fn load_i8(p: *const i8) -> __m256 {
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-        }
-        #[inline(always)]
-        unsafe fn prefetch(p: *const u8) {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
-        }
-    }
-
-    impl QSimd for Avx512 {
-        #[inline(always)]
-        unsafe fn load_i8(p: *const i8) -> __m512 {
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
-        }
-        #[inline(always)]
-        unsafe fn prefetch(p: *const u8) {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
-        }
-    }
 
     /// The low nibbles of 32 bytes (block b's evens, block b+1's) and the high ones (their odds).
     #[inline(always)]
@@ -315,6 +329,113 @@ mod x86 {
     i4dot_x86!(Avx2Dot, dots_maddubs);
     i4dot_x86!(Avx512Dot, dots_maddubs);
     i4dot_x86!(VnniDot, dots_vnni);
+
+    /// Row j's lane sum in lane j: pairwise adds, then the two 128-bit halves.
+    #[inline(always)]
+    unsafe fn hsum4_256(a: __m256, b: __m256, c: __m256, d: __m256) -> [f32; 4] {
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let mut out = [0.0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), s);
+        out
+    }
+
+    /// One block's 32 codes for the sign trick: |w| as u8, and w for its signs.
+    #[inline(always)]
+    unsafe fn sign_block(w: *const i8) -> (__m256i, __m256i) {
+        let w = _mm256_loadu_si256(w as *const __m256i);
+        (_mm256_abs_epi8(w), w)
+    }
+
+    /// llama.cpp's sign trick: |w| (u8) times x with w's sign, `vpmaddubsw` (≤ 2·128·127 per
+    /// i16, no saturation), then `vpmaddwd` with ones into i32.
+    #[inline(always)]
+    unsafe fn sign_dots((aw, w): (__m256i, __m256i), x: *const i8) -> __m256 {
+        let sx = _mm256_sign_epi8(_mm256_loadu_si256(x as *const __m256i), w);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)))
+    }
+
+    /// AVX2 and AVX-512BW without VNNI: one 256-bit vector per block (`vpsignb` has no 512-bit form).
+    macro_rules! i8dot_sign {
+        ($t:ty) => {
+            impl I8Dot for $t {
+                type W = [(__m256i, __m256i); 2];
+                type V = [__m256; 2];
+                const FLIPPED: bool = false;
+                #[inline(always)]
+                unsafe fn zero() -> [__m256; 2] {
+                    [_mm256_setzero_ps(); 2]
+                }
+                #[inline(always)]
+                unsafe fn prepare(w: *const i8) -> Self::W {
+                    [sign_block(w), sign_block(w.add(32))]
+                }
+                #[inline(always)]
+                unsafe fn dots([w0, w1]: Self::W, x: *const i8) -> [__m256; 2] {
+                    [sign_dots(w0, x), sign_dots(w1, x.add(32))]
+                }
+                #[inline(always)]
+                unsafe fn fma_scales([d0, d1]: [__m256; 2], s: *const f32, [a0, a1]: [__m256; 2]) -> [__m256; 2] {
+                    [_mm256_fmadd_ps(d0, _mm256_loadu_ps(s), a0), _mm256_fmadd_ps(d1, _mm256_loadu_ps(s.add(8)), a1)]
+                }
+                #[inline(always)]
+                unsafe fn hsum4([a, b, c, d]: [[__m256; 2]; 4]) -> [f32; 4] {
+                    // No closures: they would not inherit the target features, nor inline these.
+                    let (a, b) = (_mm256_add_ps(a[0], a[1]), _mm256_add_ps(b[0], b[1]));
+                    let (c, d) = (_mm256_add_ps(c[0], c[1]), _mm256_add_ps(d[0], d[1]));
+                    hsum4_256(a, b, c, d)
+                }
+                #[inline(always)]
+                unsafe fn prefetch(p: *const u8) {
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+                }
+            }
+        };
+    }
+    i8dot_sign!(Avx2Dot);
+    i8dot_sign!(Avx512Dot);
+
+    /// The two 256-bit halves of `x` added.
+    #[inline(always)]
+    unsafe fn fold512(x: __m512) -> __m256 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+        _mm256_add_ps(_mm512_castps512_ps256(x), hi)
+    }
+
+    /// VNNI: one 512-bit `vpdpbusd` of (x + 128) with w per block pair, started from −128·Σw of
+    /// each lane's four codes.
+    impl I8Dot for VnniDot {
+        type W = (__m512i, __m512i);
+        type V = __m512;
+        const FLIPPED: bool = true;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn prepare(w: *const i8) -> (__m512i, __m512i) {
+            let w = _mm512_loadu_si512(w as *const __m512i);
+            let sum128 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(i8::MIN), w);
+            (w, _mm512_sub_epi32(_mm512_setzero_si512(), sum128))
+        }
+        #[inline(always)]
+        unsafe fn dots((w, neg): (__m512i, __m512i), x: *const i8) -> __m512 {
+            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, _mm512_loadu_si512(x as *const __m512i), w))
+        }
+        #[inline(always)]
+        unsafe fn fma_scales(d: __m512, s: *const f32, acc: __m512) -> __m512 {
+            _mm512_fmadd_ps(d, _mm512_loadu_ps(s), acc)
+        }
+        #[inline(always)]
+        unsafe fn hsum4([a, b, c, d]: [__m512; 4]) -> [f32; 4] {
+            // No closures: they would not inherit the target features, nor inline these.
+            hsum4_256(fold512(a), fold512(b), fold512(c), fold512(d))
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
+    }
 
     #[inline(always)]
     unsafe fn hsum256(v: __m256i) -> i32 {
