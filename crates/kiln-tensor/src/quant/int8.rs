@@ -311,16 +311,22 @@ unsafe fn gemv_i8q_on(
 /// Quantizes one activation row (after dividing by `act_scale`) to int8; returns its scale.
 /// `q = round_half_even(x · (127 / max|x|))`, `s_x = max|x| / 127`; an all-zero row gives 0, 0.
 fn quantize_row(x: &[f32], act_scale: Option<&[f32]>, q: &mut [i8]) -> f32 {
-    let xs = |i: usize| match act_scale {
-        Some(s) => x[i] / s[i],
-        None => x[i],
-    };
-    let amax = (0..x.len()).fold(0.0f32, |a, i| a.max(xs(i).abs()));
+    // The branch outside the loops, so each one is straight-line code the compiler vectorizes.
+    match act_scale {
+        None => quantize_row_by(x.len(), |i| x[i], q),
+        Some(s) => quantize_row_by(x.len(), |i| x[i] / s[i], q),
+    }
+}
+
+#[inline(always)]
+fn quantize_row_by(len: usize, xs: impl Fn(usize) -> f32, q: &mut [i8]) -> f32 {
+    let amax = (0..len).fold(0.0f32, |a, i| a.max(xs(i).abs()));
     if amax == 0.0 {
         q.fill(0);
         return 0.0;
     }
     let inv = 127.0 / amax;
+    let q = &mut q[..len];
     for (i, qi) in q.iter_mut().enumerate() {
         *qi = round_half_even_small(xs(i) * inv).clamp(-127.0, 127.0) as i8;
     }
