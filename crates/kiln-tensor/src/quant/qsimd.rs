@@ -296,12 +296,7 @@ mod x86 {
                 }
                 #[inline(always)]
                 unsafe fn hsum4([a, b, c, d]: [__m256; 4]) -> [f32; 4] {
-                    // Pairwise adds leave row j's two 128-bit half sums in lane j of each half.
-                    let h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-                    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-                    let mut out = [0.0f32; 4];
-                    _mm_storeu_ps(out.as_mut_ptr(), s);
-                    out
+                    hsum4_256(a, b, c, d)
                 }
                 #[inline(always)]
                 unsafe fn prefetch(p: *const u8) {
