@@ -13,8 +13,9 @@
 // Register arrays are indexed by row and unroll slot, the way the SIMD loops read.
 #![allow(clippy::needless_range_loop)]
 
+use super::actq::{quantize_row, quantize_row_scalar};
 use super::qsimd::{I4Dot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
-use super::{check_operands, for_row_blocks, quantize_activations, DotPath, Int4Weight, GEMV_MAX_ROWS};
+use super::{check_operands, for_row_blocks, DotPath, Int4Weight, GEMV_MAX_ROWS};
 use crate::kernels::SendPtr;
 use crate::simd::Isa;
 
@@ -30,7 +31,7 @@ pub fn int4_matmul_reference(out: &mut [f32], inp: &[f32], w: &Int4Weight, bias:
     let mut sx = vec![0.0f32; k / I4_BLOCK];
     for r in 0..m {
         for (b, (q, s)) in xq.chunks_exact_mut(I4_BLOCK).zip(&mut sx).enumerate() {
-            *s = quantize_block(&inp[r * k..(r + 1) * k], act, b, q);
+            *s = quantize_block(quantize_row_scalar, &inp[r * k..(r + 1) * k], act, b, q);
         }
         for o in 0..n {
             let mut acc = bias.map_or(0.0, |b| b[o] as f64);
@@ -47,14 +48,14 @@ pub fn int4_matmul_reference(out: &mut [f32], inp: &[f32], w: &Int4Weight, bias:
     }
 }
 
-/// Block `b` of the row `x` divided by `act_scale`, rounded to int8 in element order into `q`;
-/// returns its scale `sx_b` (the same rounding as W8A8's per-token activations).
-fn quantize_block(x: &[f32], act: Option<&[f32]>, b: usize, q: &mut [i8]) -> f32 {
+/// Block `b` of the row `x` divided by `act_scale`, rounded to int8 in element order into `q`
+/// by `round` (the definition in the reference, its SIMD twin in the kernels); returns `sx_b`.
+fn quantize_block(round: RowRounding, x: &[f32], act: Option<&[f32]>, b: usize, q: &mut [i8]) -> f32 {
     let is = b * I4_BLOCK..(b + 1) * I4_BLOCK;
-    let mut sx = 0.0f32;
-    quantize_activations(&x[is.clone()], I4_BLOCK, act.map(|s| &s[is]), q, std::slice::from_mut(&mut sx));
-    sx
+    round(&x[is.clone()], act.map(|s| &s[is]), q)
 }
+
+type RowRounding = fn(&[f32], Option<&[f32]>, &mut [i8]) -> f32;
 
 /// Int4 on all rayon threads with the widest instruction set this CPU has.
 ///
@@ -118,7 +119,7 @@ fn block_acts(inp: &[f32], w: &Int4Weight, m: usize) -> BlockActs {
     for r in 0..m {
         let x = &inp[r * k..(r + 1) * k];
         for b in 0..nb {
-            let sx = quantize_block(x, w.act_scale.as_deref(), b, &mut q);
+            let sx = quantize_block(quantize_row, x, w.act_scale.as_deref(), b, &mut q);
             let (p, h) = (r * pairs + b / 2, b % 2);
             let dst = &mut a.q[p * 2 * I4_BLOCK..][..2 * I4_BLOCK];
             for j in 0..I4_BLOCK / 2 {
@@ -387,7 +388,7 @@ mod tests {
         let mut y = vec![0.0; m * k];
         for r in 0..m {
             for b in 0..k / I4_BLOCK {
-                let sx = quantize_block(&x[r * k..(r + 1) * k], w.act_scale.as_deref(), b, &mut q);
+                let sx = quantize_block(quantize_row_scalar, &x[r * k..(r + 1) * k], w.act_scale.as_deref(), b, &mut q);
                 for j in 0..I4_BLOCK {
                     y[r * k + b * I4_BLOCK + j] = q[j] as f32 * sx;
                 }

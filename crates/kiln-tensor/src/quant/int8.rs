@@ -20,6 +20,7 @@
 
 use rayon::prelude::*;
 
+use super::actq::{quantize_row, quantize_row_scalar};
 use super::qsimd::{I8Dot, IntDot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int8Weight, GEMV_MAX_ROWS};
 use crate::kernels::SendPtr;
@@ -41,7 +42,7 @@ pub fn int8_weight_matmul_reference(out: &mut [f32], inp: &[f32], w: &Int8Weight
         let x = &inp[r * k..(r + 1) * k];
         for (b, s) in sx.iter_mut().enumerate() {
             let is = b * I4_BLOCK..k.min((b + 1) * I4_BLOCK);
-            *s = quantize_row(&x[is.clone()], act.map(|a| &a[is.clone()]), &mut xq[is]);
+            *s = quantize_row_scalar(&x[is.clone()], act.map(|a| &a[is.clone()]), &mut xq[is]);
         }
         for o in 0..n {
             let mut acc = 0.0f64;
@@ -308,39 +309,6 @@ unsafe fn gemv_i8q_on(
     gemv_i8q::<ScalarDot>(out, a, w, bias, r0, m, o0, o1)
 }
 
-/// Quantizes one activation row (after dividing by `act_scale`) to int8; returns its scale.
-/// `q = round_half_even(x · (127 / max|x|))`, `s_x = max|x| / 127`; an all-zero row gives 0, 0.
-fn quantize_row(x: &[f32], act_scale: Option<&[f32]>, q: &mut [i8]) -> f32 {
-    // The branch outside the loops, so each one is straight-line code the compiler vectorizes.
-    match act_scale {
-        None => quantize_row_by(x.len(), |i| x[i], q),
-        Some(s) => quantize_row_by(x.len(), |i| x[i] / s[i], q),
-    }
-}
-
-#[inline(always)]
-fn quantize_row_by(len: usize, xs: impl Fn(usize) -> f32, q: &mut [i8]) -> f32 {
-    let amax = (0..len).fold(0.0f32, |a, i| a.max(xs(i).abs()));
-    if amax == 0.0 {
-        q.fill(0);
-        return 0.0;
-    }
-    let inv = 127.0 / amax;
-    let q = &mut q[..len];
-    for (i, qi) in q.iter_mut().enumerate() {
-        *qi = round_half_even_small(xs(i) * inv).clamp(-127.0, 127.0) as i8;
-    }
-    amax / 127.0
-}
-
-/// Round half to even for |v| < 2²², by adding and removing 1.5·2²³ (IEEE round-to-nearest-even
-/// does the rounding): `round_ties_even` is a libm call without SSE4.1, this vectorizes.
-#[inline(always)]
-fn round_half_even_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
-}
-
 /// Per-token dynamic int8 quantization of `inp [m, k]` (divided by `act_scale` first): writes
 /// the codes `q [m, k]` and the row scales `sx [m]`, so that `inp ≈ q · sx` row by row.
 /// Round half to even; finite inputs expected.
@@ -378,7 +346,7 @@ pub fn w8a8_matmul_reference(out: &mut [f32], inp: &[f32], w: &Int8Weight, bias:
     let mut q = vec![0i8; m * k];
     let mut sx = vec![0.0f32; m];
     for r in 0..m {
-        sx[r] = quantize_row(&inp[r * k..(r + 1) * k], w.act_scale.as_deref(), &mut q[r * k..(r + 1) * k]);
+        sx[r] = quantize_row_scalar(&inp[r * k..(r + 1) * k], w.act_scale.as_deref(), &mut q[r * k..(r + 1) * k]);
     }
     for r in 0..m {
         for o in 0..n {

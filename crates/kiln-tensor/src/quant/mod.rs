@@ -17,6 +17,7 @@
 //!   activations (AWQ / SmoothQuant store `W·diag(s)` and run on `x / s`), so the model code
 //!   stays the same whichever algorithm made the weights.
 
+mod actq;
 mod int4;
 mod int8;
 mod qsimd;
