@@ -68,6 +68,7 @@ fn round_half_even_small(v: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::round_half_even_small;
     use std::arch::x86_64::*;
 
     /// `x / s` lanes at `i` (16 wide), or `x` alone.
@@ -100,7 +101,7 @@ mod x86 {
     fn tail_codes(x: &[f32], s: Option<&[f32]>, from: usize, inv: f32, q: &mut [i8]) {
         for i in from..x.len() {
             let v = s.map_or(x[i], |s| x[i] / s[i]) * inv;
-            q[i] = ((v + 12_582_912.0) - 12_582_912.0).clamp(-127.0, 127.0) as i8;
+            q[i] = round_half_even_small(v).clamp(-127.0, 127.0) as i8;
         }
     }
 
