@@ -170,9 +170,7 @@ unsafe fn gemv_i8q_rows<D: I8Dot, const R: usize>(
         let mut j = 0;
         if rows == 4 {
             let acc = pair_dots::<D, R, 4>([row(o4), row(o4 + 1), row(o4 + 2), row(o4 + 3)], a, k, r0, &mut pad);
-            for r in 0..R {
-                tot[r] = acc[r];
-            }
+            tot = acc;
             j = 4;
         }
         while j + 2 <= rows {
