@@ -94,7 +94,10 @@ print(json.dumps({{"prefill": {p} / best_p, "decode": ({g} - 1) / best_d, "torch
 
 def run_llamacpp(gguf: Path, p: int, g: int, threads: int, repack: bool = True) -> dict:
     """llama.cpp's best of 4. With repack=False its extra buffer types (the weight repacking and
-    AMX kernels) are off: on a Xeon with AMX, llama-cpp-python 0.3.36 crashes on Q8_0 with them."""
+    AMX kernels) are off: on a Xeon with AMX, llama-cpp-python 0.3.36 built natively crashes on
+    Q8_0 and Q4_0 with them. A build without AMX repacks fine there; put it first on PYTHONPATH:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+    -DGGML_AMX_INT8=OFF ..." pip install --target DIR llama-cpp-python==0.3.36."""
     code = f"""
 import json, time, random
 import numpy as np, llama_cpp
@@ -123,7 +126,7 @@ for _ in range(4):
     t2 = time.perf_counter()
     best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
 print(json.dumps({{"prefill": {p} / best_p, "decode": ({g} - 1) / best_d, "llama_cpp": llama_cpp.__version__,
-                  "repack": {repack!r}}}))
+                  "repack": {repack!r}, "system": llama_cpp.llama_print_system_info().decode().strip()}}))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if run.returncode < 0 and repack:
