@@ -91,8 +91,9 @@ struct BlockActs {
     /// Blocks per row, `k / 32`, and block pairs per row (the last may hold one block).
     nb: usize,
     pairs: usize,
-    /// `[m, pairs, 64]`: per pair, block b's 16 even elements, block b+1's, then their odd ones;
-    /// a missing block b+1 is zeros.
+    /// `[m, pairs·64]`: per four blocks ([`act_offsets`]: "quad layout"), their 16 even
+    /// elements each, then their odd ones; blocks past the last whole four per pair, block b's
+    /// 16 even elements, block b+1's, then their odd ones ("pair layout"; a missing b+1 is zeros).
     q: Vec<i8>,
     /// `[m, pairs, 8]`: `sx_b` four times, then `sx_{b+1}` four times (0 for a missing block).
     sx: Vec<f32>,
@@ -118,13 +119,14 @@ fn block_acts(inp: &[f32], w: &Int4Weight, m: usize) -> BlockActs {
     let mut q = [0i8; I4_BLOCK];
     for r in 0..m {
         let x = &inp[r * k..(r + 1) * k];
+        let row = &mut a.q[r * pairs * 2 * I4_BLOCK..][..pairs * 2 * I4_BLOCK];
         for b in 0..nb {
             let sx = quantize_block(quantize_row, x, w.act_scale.as_deref(), b, &mut q);
             let (p, h) = (r * pairs + b / 2, b % 2);
-            let dst = &mut a.q[p * 2 * I4_BLOCK..][..2 * I4_BLOCK];
+            let (even, odd) = act_offsets(b, nb);
             for j in 0..I4_BLOCK / 2 {
-                dst[16 * h + j] = q[2 * j];
-                dst[32 + 16 * h + j] = q[2 * j + 1];
+                row[even + j] = q[2 * j];
+                row[odd + j] = q[2 * j + 1];
             }
             a.sx[p * 8 + 4 * h..][..4].fill(sx);
             let xsum: i32 = q.iter().map(|&v| v as i32).sum();
@@ -132,6 +134,18 @@ fn block_acts(inp: &[f32], w: &Int4Weight, m: usize) -> BlockActs {
         }
     }
     a
+}
+
+/// Where block `b` of a row of `nb` blocks keeps its 16 even and 16 odd activation codes in
+/// [`BlockActs::q`]: quad layout within the whole fours, pair layout after them.
+fn act_offsets(b: usize, nb: usize) -> (usize, usize) {
+    if b < nb / 4 * 4 {
+        let (quad, i) = (b / 4, b % 4);
+        (quad * 128 + 16 * i, quad * 128 + 64 + 16 * i)
+    } else {
+        let (pair, h) = (b / 2, b % 2);
+        (pair * 64 + 16 * h, pair * 64 + 32 + 16 * h)
+    }
 }
 
 /// The rows quantized once per call, then output rows split over the threads; each task runs
@@ -222,22 +236,28 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
                     g += 8;
                 }
             }
-            let mut acc = [[D::zero(); 2]; R];
+            let mut acc4 = [D::zero4(); R];
             let full = nb / 2;
             let mut p = 0;
+            // Whole fours of blocks (quad layout), then the pairs and block left (pair layout).
             while p + 2 <= full {
                 // Never dereferenced, so it may point past the weights.
                 D::prefetch(qp.wrapping_add(p * I4_BLOCK + PREFETCH_BYTES));
-                let (q0, q1) = (D::unpack(qp.add(p * I4_BLOCK)), D::unpack(qp.add((p + 1) * I4_BLOCK)));
-                let (s0, s1) = (svec(p), svec(p + 1));
+                let q4 = D::unpack4(qp.add(p * I4_BLOCK));
+                let s4 = if G32 {
+                    D::scales4_g32(sp.add(2 * p))
+                } else {
+                    D::scales4(*sp.add(p >> pshift), *sp.add((p + 1) >> pshift))
+                };
                 for r in 0..R {
                     let (x, sx) = (xp.add(r * xrow + p * 2 * I4_BLOCK), sxp.add(r * sxrow + p * 8));
-                    let d0 = D::mul(D::dots(q0, x), D::load(sx));
-                    let d1 = D::mul(D::dots(q1, x.add(2 * I4_BLOCK)), D::load(sx.add(8)));
-                    acc[r][0] = D::fma(d0, s0, acc[r][0]);
-                    acc[r][1] = D::fma(d1, s1, acc[r][1]);
+                    acc4[r] = D::quad(q4, x, sx, s4, acc4[r]);
                 }
                 p += 2;
+            }
+            let mut acc = [D::zero(); R];
+            for r in 0..R {
+                acc[r] = D::fold4(acc4[r]);
             }
             while p < pairs {
                 // One pair left, and/or one block (odd k/32) whose scale fills both halves.
@@ -248,12 +268,12 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
                 };
                 for r in 0..R {
                     let (x, sx) = (xp.add(r * xrow + p * 2 * I4_BLOCK), sxp.add(r * sxrow + p * 8));
-                    acc[r][0] = D::fma(D::mul(D::dots(q0, x), D::load(sx)), s0, acc[r][0]);
+                    acc[r] = D::fma(D::mul(D::dots(q0, x, x.add(I4_BLOCK)), D::load(sx)), s0, acc[r]);
                 }
                 p += 1;
             }
             for r in 0..R {
-                tot[r][j] = D::add(D::add(acc[r][0], acc[r][1]), zneg[r]);
+                tot[r][j] = D::add(acc[r], zneg[r]);
             }
         }
         for r in 0..R {
@@ -401,7 +421,7 @@ mod tests {
     fn int4_fast_matches_reference() {
         for &m in &[1usize, 2, 3, 4, 5, 17] {
             for &n in &[1usize, 7, 65] {
-                for &k in &[32usize, 96, 576, 640] {
+                for &k in &[32usize, 96, 224, 576, 640] {
                     for group in [32, 64, 128].into_iter().filter(|g| k.is_multiple_of(*g)) {
                         for act in [false, true] {
                             let w = random_weight((m * 7919 + n * 31 + k + group) as u64, n, k, group, act);

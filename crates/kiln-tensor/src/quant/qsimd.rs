@@ -64,8 +64,9 @@ pub(crate) trait I4Dot {
     unsafe fn unpack(q: *const u8) -> Self::Q;
     /// Block b alone (16 bytes at `q`; block b+1's codes read as 0).
     unsafe fn unpack_one(q: *const u8) -> Self::Q;
-    /// The two exact dots with the 64 activation bytes at `x`, spread over the lanes.
-    unsafe fn dots(q: Self::Q, x: *const i8) -> Self::V;
+    /// The two exact dots with the activations whose 32 even-element bytes are at `xl` (block
+    /// b's 16, then block b+1's) and 32 odd-element bytes at `xh`, spread over the lanes.
+    unsafe fn dots(q: Self::Q, xl: *const i8, xh: *const i8) -> Self::V;
     /// The 8 floats at `p` (the scalar path reads lanes 0 and 4, one per half).
     unsafe fn load(p: *const f32) -> Self::V;
     unsafe fn splat(v: f32) -> Self::V;
@@ -84,9 +85,72 @@ pub(crate) trait I4Dot {
     /// Hints that the cache line at `p` (any address; nothing is read) will be read soon.
     #[inline(always)]
     unsafe fn prefetch(_p: *const u8) {}
+
+    // Four blocks (two pairs) at a time: one 512-bit step on AVX512-VNNI, two pair steps elsewhere.
+    /// The codes of blocks b..b+3 (64 bytes), used for every activation row.
+    type Q4: Copy;
+    /// The four blocks' weight scales, laid out for [`I4Dot::quad`].
+    type S4: Copy;
+    /// A running sum over quads.
+    type A4: Copy;
+    unsafe fn zero4() -> Self::A4;
+    unsafe fn unpack4(q: *const u8) -> Self::Q4;
+    /// Group 32: the scales of the four blocks, the four floats at `p`.
+    unsafe fn scales4_g32(p: *const f32) -> Self::S4;
+    /// Groups of 64 or 128: `a` scales the first pair, `b` the second.
+    unsafe fn scales4(a: f32, b: f32) -> Self::S4;
+    /// `acc + dots·sx·s` for the four blocks: the activations at `x` in quad layout (128 bytes:
+    /// the four blocks' 16 even elements each, then their odd ones), `sx` 16 floats (each
+    /// block's activation scale four times).
+    unsafe fn quad(q: Self::Q4, x: *const i8, sx: *const f32, s: Self::S4, acc: Self::A4) -> Self::A4;
+    /// The running sum as pair lanes (their lane sum is what counts).
+    unsafe fn fold4(acc: Self::A4) -> Self::V;
+}
+
+/// [`I4Dot`]'s quad items as two pair steps, for the paths without 512-bit registers.
+macro_rules! two_pair_quads {
+    ($q:ty, $v:ty) => {
+        type Q4 = ($q, $q);
+        type S4 = ($v, $v);
+        type A4 = ($v, $v);
+        #[inline(always)]
+        unsafe fn zero4() -> ($v, $v) {
+            (<Self as I4Dot>::zero(), <Self as I4Dot>::zero())
+        }
+        #[inline(always)]
+        unsafe fn unpack4(q: *const u8) -> ($q, $q) {
+            (<Self as I4Dot>::unpack(q), <Self as I4Dot>::unpack(q.add(32)))
+        }
+        #[inline(always)]
+        unsafe fn scales4_g32(p: *const f32) -> ($v, $v) {
+            (<Self as I4Dot>::splat2(p), <Self as I4Dot>::splat2(p.add(2)))
+        }
+        #[inline(always)]
+        unsafe fn scales4(a: f32, b: f32) -> ($v, $v) {
+            (<Self as I4Dot>::splat(a), <Self as I4Dot>::splat(b))
+        }
+        #[inline(always)]
+        unsafe fn quad(
+            (q0, q1): ($q, $q),
+            x: *const i8,
+            sx: *const f32,
+            (s0, s1): ($v, $v),
+            (a0, a1): ($v, $v),
+        ) -> ($v, $v) {
+            let d0 = <Self as I4Dot>::mul(<Self as I4Dot>::dots(q0, x, x.add(64)), <Self as I4Dot>::load(sx));
+            let d1 =
+                <Self as I4Dot>::mul(<Self as I4Dot>::dots(q1, x.add(32), x.add(96)), <Self as I4Dot>::load(sx.add(8)));
+            (<Self as I4Dot>::fma(d0, s0, a0), <Self as I4Dot>::fma(d1, s1, a1))
+        }
+        #[inline(always)]
+        unsafe fn fold4((a0, a1): ($v, $v)) -> $v {
+            <Self as I4Dot>::add(a0, a1)
+        }
+    };
 }
 
 impl I4Dot for ScalarDot {
+    two_pair_quads!((*const u8, bool), [f32; 2]);
     #[inline(always)]
     unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
         dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
@@ -106,12 +170,12 @@ impl I4Dot for ScalarDot {
         (q, false)
     }
     #[inline(always)]
-    unsafe fn dots((q, two): (*const u8, bool), x: *const i8) -> [f32; 2] {
+    unsafe fn dots((q, two): (*const u8, bool), xl: *const i8, xh: *const i8) -> [f32; 2] {
         let mut d = [0i32; 2];
         for (h, dh) in d.iter_mut().enumerate().take(1 + two as usize) {
             for j in 0..16 {
                 let b = *q.add(16 * h + j) as i32;
-                *dh += (b & 0x0F) * *x.add(16 * h + j) as i32 + (b >> 4) * *x.add(32 + 16 * h + j) as i32;
+                *dh += (b & 0x0F) * *xl.add(16 * h + j) as i32 + (b >> 4) * *xh.add(16 * h + j) as i32;
             }
         }
         [d[0] as f32, d[1] as f32]
@@ -226,8 +290,9 @@ mod x86 {
     /// The [`I4Dot`] items every x86 path shares (8 f32 lanes, halves = 128-bit lanes); `$dots`
     /// turns (low codes, high codes, activations) into i32 lanes.
     macro_rules! i4dot_x86 {
-        ($t:ty, $dots:ident) => {
+        ($t:ty, $dots:ident, $($quads:tt)*) => {
             impl I4Dot for $t {
+                $($quads)*
                 type Q = (__m256i, __m256i);
                 type V = __m256;
                 #[inline(always)]
@@ -243,9 +308,9 @@ mod x86 {
                     nibbles(_mm256_zextsi128_si256(_mm_loadu_si128(q as *const __m128i)))
                 }
                 #[inline(always)]
-                unsafe fn dots((lo, hi): (__m256i, __m256i), x: *const i8) -> __m256 {
-                    let xl = _mm256_loadu_si256(x as *const __m256i);
-                    let xh = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                unsafe fn dots((lo, hi): (__m256i, __m256i), xl: *const i8, xh: *const i8) -> __m256 {
+                    let xl = _mm256_loadu_si256(xl as *const __m256i);
+                    let xh = _mm256_loadu_si256(xh as *const __m256i);
                     _mm256_cvtepi32_ps($dots(lo, xl, hi, xh))
                 }
                 #[inline(always)]
@@ -320,10 +385,57 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh)
     }
 
+    /// [`I4Dot`]'s quad items on AVX512-VNNI: four blocks are one 512-bit vector, so a quad is
+    /// one step (two `vpdpbusd`, a convert, a multiply and an FMA for 128 products) where two
+    /// pair steps take twice the instructions.
+    macro_rules! vnni_quads {
+        () => {
+            type Q4 = (__m512i, __m512i);
+            type S4 = __m512;
+            type A4 = __m512;
+            #[inline(always)]
+            unsafe fn zero4() -> __m512 {
+                _mm512_setzero_ps()
+            }
+            #[inline(always)]
+            unsafe fn unpack4(q: *const u8) -> (__m512i, __m512i) {
+                let (v, m) = (_mm512_loadu_si512(q as *const __m512i), _mm512_set1_epi8(0x0F));
+                (_mm512_and_si512(v, m), _mm512_and_si512(_mm512_srli_epi16::<4>(v), m))
+            }
+            #[inline(always)]
+            unsafe fn scales4_g32(p: *const f32) -> __m512 {
+                let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+                _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p)))
+            }
+            #[inline(always)]
+            unsafe fn scales4(a: f32, b: f32) -> __m512 {
+                _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b))
+            }
+            #[inline(always)]
+            unsafe fn quad(
+                (lo, hi): (__m512i, __m512i),
+                x: *const i8,
+                sx: *const f32,
+                s: __m512,
+                acc: __m512,
+            ) -> __m512 {
+                let xl = _mm512_loadu_si512(x as *const __m512i);
+                let xh = _mm512_loadu_si512(x.add(64) as *const __m512i);
+                let d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+                _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sx)), s, acc)
+            }
+            #[inline(always)]
+            unsafe fn fold4(a: __m512) -> __m256 {
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                _mm256_add_ps(_mm512_castps512_ps256(a), hi)
+            }
+        };
+    }
+
     // A pair of blocks is one 256-bit vector; AVX-512BW runs the AVX2 code with EVEX encodings.
-    i4dot_x86!(Avx2Dot, dots_maddubs);
-    i4dot_x86!(Avx512Dot, dots_maddubs);
-    i4dot_x86!(VnniDot, dots_vnni);
+    i4dot_x86!(Avx2Dot, dots_maddubs, two_pair_quads!((__m256i, __m256i), __m256););
+    i4dot_x86!(Avx512Dot, dots_maddubs, two_pair_quads!((__m256i, __m256i), __m256););
+    i4dot_x86!(VnniDot, dots_vnni, vnni_quads!(););
 
     /// Row j's lane sum in lane j: pairwise adds, then the two 128-bit halves.
     #[inline(always)]
