@@ -136,8 +136,8 @@ const GEMV_CHANNELS: usize = 4;
 /// `out[r] = Σ inp[r]·w` for `rows` rows against a block of output channels, four weight rows
 /// streamed at once with one accumulator each (the activation loaded once for all four). More
 /// streams in flight keep more DRAM reads outstanding: measured on the 2-core Xeon, one GPT-2
-/// 124M decode step's weights read at 29 GB/s this way against 25 GB/s one row at a time
-/// (`examples/gemv_stream.rs`; a plain SIMD sum of the same bytes reads at 30).
+/// 124M decode step's weights read at 26-28 GB/s this way against 24-26 GB/s one row at a time
+/// (`examples/gemv_stream.rs`, beside a read-bandwidth probe of 28-31).
 #[inline(always)]
 unsafe fn gemv_block<S: Simd>(
     out: &mut [f32],
