@@ -1,7 +1,8 @@
 //! Reads one GPT-2 124M f32 decode step's weights (12 layers of qkv, proj, fc, fc-proj, then
 //! the 50,304-row head) through `matmul_forward` with one row, as generation does, and prints
 //! the rate in GB/s beside the measured read bandwidth (`probe::read_bandwidth_gbs`).
-//! Run: cargo run --release -p kiln-tensor --example gemv_stream
+//! Run: cargo run --release -p kiln-tensor --example gemv_stream (`KILN_GEMV=one|four` picks the
+//! row walk; the default follows the CPU vendor, see `GemvLayout`)
 
 use std::time::Instant;
 

@@ -4,6 +4,8 @@
 //! dispatch, rayon threads): it runs near the FMA peak here and handles the transposed
 //! operands of backward through strides, with no copies.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use crate::simd::{Isa, Simd};
@@ -130,14 +132,69 @@ pub(crate) fn gemm_strided(
 /// multiplies one row per sequence, where packing for a GEMM costs more than it saves.
 const GEMV_MAX_ROWS: usize = 4;
 
-/// Output channels whose weight rows [`gemv_block`] streams side by side.
-const GEMV_CHANNELS: usize = 4;
+/// How [`gemv_block`] walks the weight rows: the DRAM side of a decode step, where the best
+/// order depends on the memory system rather than the instruction set. Measured with
+/// `examples/gemv_stream.rs` (one GPT-2 124M decode step's weights, 2 threads):
+/// - 2-core Intel Xeon (AVX-512, 2026-12-07): four rows side by side 26-28 GB/s, one row at a
+///   time 24-26, beside a read-bandwidth probe of 28-31;
+/// - 2-core AMD EPYC Zen 4 (AVX-512, 2026-12-07): one row at a time 41-43 GB/s, four rows side
+///   by side 29-31, beside a probe of 50-54. Zen 4's prefetchers follow one sequential stream
+///   per thread far better than four streams a row (3 KiB) apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemvLayout {
+    /// One weight row at a time, two accumulators: one sequential stream per thread.
+    OneRow,
+    /// Four weight rows side by side, the activation loaded once for all four.
+    FourRows,
+}
 
-/// `out[r] = Σ inp[r]·w` for `rows` rows against a block of output channels, four weight rows
-/// streamed at once with one accumulator each (the activation loaded once for all four). More
-/// streams in flight keep more DRAM reads outstanding: measured on the 2-core Xeon, one GPT-2
-/// 124M decode step's weights read at 26-28 GB/s this way against 24-26 GB/s one row at a time
-/// (`examples/gemv_stream.rs`, beside a read-bandwidth probe of 28-31).
+impl GemvLayout {
+    /// AMD parts stream one row at a time, others four; `KILN_GEMV=one|four` overrides it.
+    pub(crate) fn detect() -> GemvLayout {
+        static LAYOUT: OnceLock<GemvLayout> = OnceLock::new();
+        *LAYOUT.get_or_init(|| match std::env::var("KILN_GEMV").ok().as_deref() {
+            Some("one") => GemvLayout::OneRow,
+            Some("four") => GemvLayout::FourRows,
+            _ if cpu_vendor_is_amd() => GemvLayout::OneRow,
+            _ => GemvLayout::FourRows,
+        })
+    }
+}
+
+fn cpu_vendor_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        let vendor = [r.ebx, r.edx, r.ecx].map(u32::to_le_bytes).concat();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `x · w` over `c_in` values, two accumulators so the FMA latency never bounds the stream.
+#[inline(always)]
+unsafe fn dot_row<S: Simd>(x: *const f32, w: *const f32, c_in: usize) -> f32 {
+    let (mut a0, mut a1) = (S::zero(), S::zero());
+    let mut i = 0;
+    while i + 2 * S::LANES <= c_in {
+        a0 = S::fma(S::load(x.add(i)), S::load(w.add(i)), a0);
+        a1 = S::fma(S::load(x.add(i + S::LANES)), S::load(w.add(i + S::LANES)), a1);
+        i += 2 * S::LANES;
+    }
+    if i + S::LANES <= c_in {
+        a0 = S::fma(S::load(x.add(i)), S::load(w.add(i)), a0);
+        i += S::LANES;
+    }
+    let mut sum = S::reduce_sum(S::add(a0, a1));
+    for t in i..c_in {
+        sum += *x.add(t) * *w.add(t);
+    }
+    sum
+}
+
+/// `out[r] = Σ inp[r]·w` for `rows` rows against a block of output channels, the weight rows
+/// walked as `layout` says.
 #[inline(always)]
 unsafe fn gemv_block<S: Simd>(
     out: &mut [f32],
@@ -146,16 +203,18 @@ unsafe fn gemv_block<S: Simd>(
     weight: &[f32],
     bias: Option<&[f32]>,
     c_in: usize,
+    layout: GemvLayout,
 ) {
+    const FOUR: usize = 4;
     let rows = inp.len() / c_in;
     let n_o = out.len() / rows;
     let bias_of = |o: usize| bias.map_or(0.0, |b| b[o]);
     let mut oi = 0;
-    while oi + GEMV_CHANNELS <= n_o {
+    while layout == GemvLayout::FourRows && oi + FOUR <= n_o {
         let w = weight.as_ptr().add((o0 + oi) * c_in);
         for r in 0..rows {
             let x = inp.as_ptr().add(r * c_in);
-            let mut acc = [S::zero(); GEMV_CHANNELS];
+            let mut acc = [S::zero(); FOUR];
             let mut i = 0;
             while i + S::LANES <= c_in {
                 let xv = S::load(x.add(i));
@@ -172,27 +231,16 @@ unsafe fn gemv_block<S: Simd>(
                 out[r * n_o + oi + j] = sum + bias_of(o0 + oi + j);
             }
         }
-        oi += GEMV_CHANNELS;
+        oi += FOUR;
     }
     for oi in oi..n_o {
         let w = weight.as_ptr().add((o0 + oi) * c_in);
         for r in 0..rows {
-            let x = inp.as_ptr().add(r * c_in);
-            let mut a = S::zero();
-            let mut i = 0;
-            while i + S::LANES <= c_in {
-                a = S::fma(S::load(x.add(i)), S::load(w.add(i)), a);
-                i += S::LANES;
-            }
-            let mut sum = S::reduce_sum(a);
-            for t in i..c_in {
-                sum += *x.add(t) * *w.add(t);
-            }
-            out[r * n_o + oi] = sum + bias_of(o0 + oi);
+            out[r * n_o + oi] = dot_row::<S>(inp.as_ptr().add(r * c_in), w, c_in) + bias_of(o0 + oi);
         }
     }
 }
-crate::multiversion!(fn gemv_block_v(out: &mut [f32], o0: usize, inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize) => gemv_block);
+crate::multiversion!(fn gemv_block_v(out: &mut [f32], o0: usize, inp: &[f32], weight: &[f32], bias: Option<&[f32]>, c_in: usize, layout: GemvLayout) => gemv_block);
 
 /// Copies per-block results `parts[b]` (`[rows, n_b]`, output channels `b·width ..`) into their
 /// columns of `out[rows, c_out]`.
@@ -208,6 +256,7 @@ fn scatter_column_blocks(out: &mut [f32], parts: &[Vec<f32>], width: usize, rows
 /// Few-row forward: output channels split in blocks across threads, results scattered per row.
 fn matmul_forward_gemv(
     isa: Isa,
+    layout: GemvLayout,
     out: &mut [f32],
     inp: &[f32],
     weight: &[f32],
@@ -221,7 +270,7 @@ fn matmul_forward_gemv(
         // One row: each block's outputs are contiguous, written in place.
         out.par_chunks_mut(BLOCK)
             .enumerate()
-            .for_each(|(bi, o)| gemv_block_v(isa, o, bi * BLOCK, inp, weight, bias, c_in));
+            .for_each(|(bi, o)| gemv_block_v(isa, o, bi * BLOCK, inp, weight, bias, c_in, layout));
         return;
     }
     let blocks: Vec<Vec<f32>> = (0..c_out.div_ceil(BLOCK))
@@ -230,7 +279,7 @@ fn matmul_forward_gemv(
             let o0 = bi * BLOCK;
             let n = BLOCK.min(c_out - o0);
             let mut part = vec![0.0f32; rows * n];
-            gemv_block_v(isa, &mut part, o0, inp, weight, bias, c_in);
+            gemv_block_v(isa, &mut part, o0, inp, weight, bias, c_in, layout);
             part
         })
         .collect();
@@ -372,7 +421,7 @@ pub(crate) fn matmul_forward(
     assert!(out.len() == rows * c_out && weight.len() == c_out * c_in);
     assert!(bias.is_none_or(|b| b.len() == c_out));
     if rows <= GEMV_MAX_ROWS {
-        return matmul_forward_gemv(isa, out, inp, weight, bias, c_in, c_out);
+        return matmul_forward_gemv(isa, GemvLayout::detect(), out, inp, weight, bias, c_in, c_out);
     }
     if rows <= PANEL_MAX_ROWS {
         return matmul_forward_panels(isa, out, inp, weight, bias, c_in, c_out);
@@ -476,6 +525,14 @@ mod tests {
                 assert_close("matmul dinp", &dx, &dx0, 1e-6);
                 assert_close("matmul dweight", &dw, &dw0, 1e-6);
                 assert_close("matmul dbias", &db, &db0, 1e-6);
+                if rows <= GEMV_MAX_ROWS {
+                    // Both walks of the decode GEMV, whichever this CPU's vendor picks.
+                    for layout in [GemvLayout::OneRow, GemvLayout::FourRows] {
+                        let mut y = vec![7.0; rows * c_out];
+                        matmul_forward_gemv(isa, layout, &mut y, &inp, &w, Some(&b), c_in, c_out);
+                        assert_close(&format!("gemv {layout:?}"), &y, &y0, 1e-6);
+                    }
+                }
             }
         }
     }
