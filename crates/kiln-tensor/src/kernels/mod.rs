@@ -18,6 +18,7 @@ mod encoder;
 mod gelu;
 mod layernorm;
 mod matmul;
+pub(crate) use matmul::GemvLayout;
 mod mixed;
 mod residual;
 mod rmsnorm;

@@ -16,7 +16,7 @@
 use super::actq::{quantize_row, quantize_row_scalar};
 use super::qsimd::{I4Dot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int4Weight, GEMV_MAX_ROWS};
-use crate::kernels::SendPtr;
+use crate::kernels::{GemvLayout, SendPtr};
 use crate::simd::Isa;
 
 /// Int4, scalar and f64, straight from the definition: on the activations rounded to int8 per
@@ -213,6 +213,7 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
     let (xp, sxp) = (a.q.as_ptr().add(r0 * xrow), a.sx.as_ptr().add(r0 * sxrow));
     let (zsump, out) = (a.zsum.as_ptr().add(r0 * gpr8), SendPtr(out.0.add(r0 * n)));
     assert!(gs.s.len() == 4 * gpr + 8 && gs.z.len() == gs.s.len());
+    let one_stream = GemvLayout::detect() == GemvLayout::OneRow;
     let mut o4 = o0;
     while o4 < o1 {
         let rows = 4.min(o1 - o4);
@@ -224,8 +225,9 @@ unsafe fn gemv_i4q_rows<D: I4Dot, const R: usize, const G32: bool>(
         let ctx = RowCtx { xp, sxp, zsump, xrow, sxrow, gpr8, nb, pairs, pshift, group: w.group };
         let qp = |j: usize| w.packed.as_ptr().add((o4 + j) * k / 2);
         let (sp, zp) = (|j: usize| gs.s.as_ptr().add(j * gpr), |j: usize| gs.z.as_ptr().add(j * gpr));
-        if R == 1 && rows == 4 {
-            // Decode: four weight rows side by side, each activation vector loaded once for them.
+        if R == 1 && rows == 4 && !one_stream {
+            // Decode: four weight rows side by side, each activation vector loaded once for them
+            // (one row at a time where `GemvLayout` says so: AMD).
             let t = weight_rows_dots::<D, R, 4, G32>(
                 [0, 1, 2, 3].map(qp),
                 [0, 1, 2, 3].map(sp),

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use super::actq::{quantize_row, quantize_row_scalar};
 use super::qsimd::{I8Dot, IntDot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int8Weight, GEMV_MAX_ROWS};
-use crate::kernels::SendPtr;
+use crate::kernels::{GemvLayout, SendPtr};
 use crate::simd::Isa;
 
 /// Largest k for which W8A8's i32 sums cannot overflow: 2³¹ / (128·127) pairs.
@@ -163,25 +163,33 @@ unsafe fn gemv_i8q_rows<D: I8Dot, const R: usize>(
     let (n, k) = (w.n, w.k);
     let mut pad = [0i8; PAIR];
     let row = |o: usize| w.q.as_ptr().add(o * k);
+    let one_stream = GemvLayout::detect() == GemvLayout::OneRow;
     let mut o4 = o0;
     while o4 < o1 {
         let rows = 4.min(o1 - o4);
         let mut tot = [[D::zero(); 4]; R];
         let mut j = 0;
-        if rows == 4 {
-            let acc = pair_dots::<D, R, 4>([row(o4), row(o4 + 1), row(o4 + 2), row(o4 + 3)], a, k, r0, &mut pad);
+        if R == 1 && one_stream {
+            // One weight row at a time, no software prefetch: see `GemvLayout` (AMD).
+            while j < rows {
+                tot[0][j] = pair_dots::<D, R, 1>([row(o4 + j)], a, k, r0, &mut pad, false)[0][0];
+                j += 1;
+            }
+        }
+        if rows == 4 && j == 0 {
+            let acc = pair_dots::<D, R, 4>([row(o4), row(o4 + 1), row(o4 + 2), row(o4 + 3)], a, k, r0, &mut pad, true);
             tot = acc;
             j = 4;
         }
         while j + 2 <= rows {
-            let acc = pair_dots::<D, R, 2>([row(o4 + j), row(o4 + j + 1)], a, k, r0, &mut pad);
+            let acc = pair_dots::<D, R, 2>([row(o4 + j), row(o4 + j + 1)], a, k, r0, &mut pad, true);
             for r in 0..R {
                 (tot[r][j], tot[r][j + 1]) = (acc[r][0], acc[r][1]);
             }
             j += 2;
         }
         if j < rows {
-            let acc = pair_dots::<D, R, 1>([row(o4 + j)], a, k, r0, &mut pad);
+            let acc = pair_dots::<D, R, 1>([row(o4 + j)], a, k, r0, &mut pad, true);
             for r in 0..R {
                 tot[r][j] = acc[r][0];
             }
@@ -212,6 +220,7 @@ unsafe fn pair_dots<D: I8Dot, const R: usize, const NW: usize>(
     k: usize,
     r0: usize,
     pad: &mut [i8; PAIR],
+    prefetch: bool,
 ) -> [[D::V; NW]; R] {
     let (pairs, full) = (a.pairs, k / PAIR);
     let (xrow, sxrow) = (pairs * PAIR, pairs * 16);
@@ -220,7 +229,7 @@ unsafe fn pair_dots<D: I8Dot, const R: usize, const NW: usize>(
     // The same pair of the next group of NW rows: rows are contiguous, so a fixed distance
     // shorter than the group lands on lines already in flight (measured on the Xeon: a cold
     // 768-wide GEMV read 20 GB/s prefetching 1 KiB ahead, 24-26 GB/s a group ahead).
-    let ahead = (NW * k).max(PREFETCH_BYTES);
+    let ahead = prefetch.then_some((NW * k).max(PREFETCH_BYTES));
     const { assert!(NW == 1 || NW == 2 || NW == 4) };
     for p in 0..pairs {
         let mut wv = [prepare_pair::<D>(wp[0], p, full, k, ahead, pad); NW];
@@ -244,12 +253,14 @@ unsafe fn prepare_pair<D: I8Dot>(
     p: usize,
     full: usize,
     k: usize,
-    ahead: usize,
+    ahead: Option<usize>,
     pad: &mut [i8; PAIR],
 ) -> D::W {
     if p < full {
         // Never dereferenced, so it may point past the weights.
-        D::prefetch((q as *const u8).wrapping_add(p * PAIR + ahead));
+        if let Some(ahead) = ahead {
+            D::prefetch((q as *const u8).wrapping_add(p * PAIR + ahead));
+        }
         D::prepare(q.add(p * PAIR))
     } else {
         std::ptr::copy_nonoverlapping(q.add(p * PAIR), pad.as_mut_ptr(), k - p * PAIR);
