@@ -153,6 +153,12 @@ pub(crate) enum GemvLayout {
 impl GemvLayout {
     /// AMD parts stream one row at a time, others four; `KILN_GEMV=one|four` overrides it.
     pub(crate) fn detect() -> GemvLayout {
+        #[cfg(test)]
+        match FORCED_LAYOUT.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => return GemvLayout::OneRow,
+            2 => return GemvLayout::FourRows,
+            _ => {}
+        }
         static LAYOUT: OnceLock<GemvLayout> = OnceLock::new();
         *LAYOUT.get_or_init(|| match std::env::var("KILN_GEMV").ok().as_deref() {
             Some("one") => GemvLayout::OneRow,
@@ -161,6 +167,24 @@ impl GemvLayout {
             _ => GemvLayout::FourRows,
         })
     }
+}
+
+/// The layout tests force (0: none, 1: one row, 2: four rows). Every layout is correct, so a test
+/// running beside one that forces a layout still checks a valid kernel.
+#[cfg(test)]
+static FORCED_LAYOUT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Runs `f` under each layout in turn, whatever this CPU's vendor picks (tests of the decode
+/// kernels that read [`GemvLayout::detect`]).
+#[cfg(test)]
+pub(crate) fn with_each_gemv_layout(mut f: impl FnMut(GemvLayout)) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for (code, layout) in [(1, GemvLayout::OneRow), (2, GemvLayout::FourRows)] {
+        FORCED_LAYOUT.store(code, std::sync::atomic::Ordering::Relaxed);
+        f(layout);
+    }
+    FORCED_LAYOUT.store(0, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn cpu_vendor_is_amd() -> bool {

@@ -18,6 +18,8 @@ mod encoder;
 mod gelu;
 mod layernorm;
 mod matmul;
+#[cfg(test)]
+pub(crate) use matmul::with_each_gemv_layout;
 pub(crate) use matmul::GemvLayout;
 mod mixed;
 mod residual;

@@ -426,6 +426,7 @@ unsafe fn gemv_i4q_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::with_each_gemv_layout;
     use crate::quant::{assert_close_to_sum_scale, pack_int4};
     use crate::testutil::*;
     use half::f16;
@@ -505,11 +506,14 @@ mod tests {
                                     int4_matmul_isa(isa, &mut y, &x, &w, bias, m);
                                     check(format!("int4 {isa:?} m{m} n{n} k{k} g{group} act{act}"), &y);
                                 }
-                                for path in DotPath::all_supported() {
-                                    let mut y = vec![f32::NAN; m * n];
-                                    int4_block_dots(path, &mut y, &x, &w, bias, m);
-                                    check(format!("int4 {path:?} m{m} n{n} k{k} g{group} act{act}"), &y);
-                                }
+                                with_each_gemv_layout(|layout| {
+                                    for path in DotPath::all_supported() {
+                                        let mut y = vec![f32::NAN; m * n];
+                                        int4_block_dots(path, &mut y, &x, &w, bias, m);
+                                        let what = format!("int4 {path:?} {layout:?} m{m} n{n} k{k} g{group} act{act}");
+                                        check(what, &y);
+                                    }
+                                });
                             }
                         }
                     }

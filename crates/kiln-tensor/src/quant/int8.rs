@@ -531,6 +531,7 @@ unsafe fn w8a8_block_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::with_each_gemv_layout;
     use crate::quant::assert_close_to_sum_scale;
     use crate::testutil::*;
     use rand::Rng;
@@ -566,12 +567,14 @@ mod tests {
                 for bias in [None, Some(&b[..])] {
                     let mut y0 = vec![0.0; m * n];
                     int8_weight_matmul_reference(&mut y0, &x, &w, bias, m);
-                    for path in DotPath::all_supported() {
-                        let mut y = vec![f32::NAN; m * n];
-                        int8_weight_matmul_path(path, &mut y, &x, &w, bias, m);
-                        let what = format!("int8 {path:?} m{m} n{n} k{k} act{act}");
-                        assert_close_to_sum_scale(&what, &y, &y0, &x, &w_eff, bias, m, n, k, 1e-5);
-                    }
+                    with_each_gemv_layout(|layout| {
+                        for path in DotPath::all_supported() {
+                            let mut y = vec![f32::NAN; m * n];
+                            int8_weight_matmul_path(path, &mut y, &x, &w, bias, m);
+                            let what = format!("int8 {path:?} {layout:?} m{m} n{n} k{k} act{act}");
+                            assert_close_to_sum_scale(&what, &y, &y0, &x, &w_eff, bias, m, n, k, 1e-5);
+                        }
+                    });
                 }
             }
         }
@@ -595,15 +598,17 @@ mod tests {
                     _ => r.random_range(-127i32..=127) as f32,
                 })
                 .collect();
-            for path in DotPath::all_supported() {
-                let mut y = vec![f32::NAN; m * n];
-                int8_weight_matmul_path(path, &mut y, &x, &w, None, m);
-                for (j, &v) in y.iter().enumerate() {
-                    let (row, o) = (j / n, j % n);
-                    let dot: i32 = (0..k).map(|i| x[row * k + i] as i32 * w.q[o * k + i] as i32).sum();
-                    assert_eq!(v, dot as f32, "{path:?} k{k} ({row}, {o})");
+            with_each_gemv_layout(|layout| {
+                for path in DotPath::all_supported() {
+                    let mut y = vec![f32::NAN; m * n];
+                    int8_weight_matmul_path(path, &mut y, &x, &w, None, m);
+                    for (j, &v) in y.iter().enumerate() {
+                        let (row, o) = (j / n, j % n);
+                        let dot: i32 = (0..k).map(|i| x[row * k + i] as i32 * w.q[o * k + i] as i32).sum();
+                        assert_eq!(v, dot as f32, "{path:?} {layout:?} k{k} ({row}, {o})");
+                    }
                 }
-            }
+            });
         }
     }
 
