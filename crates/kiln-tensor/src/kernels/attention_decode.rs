@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::{dot, SendPtr};
 use crate::simd::{Isa, Simd};
 
 #[allow(clippy::too_many_arguments)]
@@ -44,23 +44,6 @@ pub(crate) fn attention_decode_reference(
             }
         }
     }
-}
-
-#[inline(always)]
-unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, n: usize) -> f32 {
-    let (mut a0, mut a1) = (S::zero(), S::zero());
-    let mut d = 0;
-    while d + 2 * S::LANES <= n {
-        a0 = S::fma(S::load(a.add(d)), S::load(b.add(d)), a0);
-        a1 = S::fma(S::load(a.add(d + S::LANES)), S::load(b.add(d + S::LANES)), a1);
-        d += 2 * S::LANES;
-    }
-    let mut s = S::reduce_sum(S::add(a0, a1));
-    while d < n {
-        s += *a.add(d) * *b.add(d);
-        d += 1;
-    }
-    s
 }
 
 /// One (sequence, head): scores into `scores`, then the probability-weighted sum of values.

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::dot;
 use crate::simd::{Isa, Simd};
 
 pub(crate) fn matmul_forward_reference(
@@ -198,27 +199,6 @@ fn cpu_vendor_is_amd() -> bool {
     false
 }
 
-/// `x · w` over `c_in` values, two accumulators so the FMA latency never bounds the stream.
-#[inline(always)]
-unsafe fn dot_row<S: Simd>(x: *const f32, w: *const f32, c_in: usize) -> f32 {
-    let (mut a0, mut a1) = (S::zero(), S::zero());
-    let mut i = 0;
-    while i + 2 * S::LANES <= c_in {
-        a0 = S::fma(S::load(x.add(i)), S::load(w.add(i)), a0);
-        a1 = S::fma(S::load(x.add(i + S::LANES)), S::load(w.add(i + S::LANES)), a1);
-        i += 2 * S::LANES;
-    }
-    if i + S::LANES <= c_in {
-        a0 = S::fma(S::load(x.add(i)), S::load(w.add(i)), a0);
-        i += S::LANES;
-    }
-    let mut sum = S::reduce_sum(S::add(a0, a1));
-    for t in i..c_in {
-        sum += *x.add(t) * *w.add(t);
-    }
-    sum
-}
-
 /// `out[r] = Σ inp[r]·w` for `rows` rows against a block of output channels, the weight rows
 /// walked as `layout` says.
 #[inline(always)]
@@ -262,7 +242,7 @@ unsafe fn gemv_block<S: Simd>(
     for oi in oi..n_o {
         let w = weight.as_ptr().add((o0 + oi) * c_in);
         for r in 0..rows {
-            out[r * n_o + oi] = dot_row::<S>(inp.as_ptr().add(r * c_in), w, c_in) + bias_of(o0 + oi);
+            out[r * n_o + oi] = dot::<S>(inp.as_ptr().add(r * c_in), w, c_in) + bias_of(o0 + oi);
         }
     }
 }

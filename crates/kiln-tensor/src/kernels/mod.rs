@@ -32,6 +32,25 @@ pub use mixed::{LowPrecision, MixedPrecisionKernels};
 
 use crate::simd::Isa;
 
+/// `a · b` over `n` values with two accumulators, so the FMA latency never bounds a stream
+/// (attention scores; the one-row decode GEMV).
+#[inline(always)]
+pub(crate) unsafe fn dot<S: crate::simd::Simd>(a: *const f32, b: *const f32, n: usize) -> f32 {
+    let (mut a0, mut a1) = (S::zero(), S::zero());
+    let mut d = 0;
+    while d + 2 * S::LANES <= n {
+        a0 = S::fma(S::load(a.add(d)), S::load(b.add(d)), a0);
+        a1 = S::fma(S::load(a.add(d + S::LANES)), S::load(b.add(d + S::LANES)), a1);
+        d += 2 * S::LANES;
+    }
+    let mut s = S::reduce_sum(S::add(a0, a1));
+    while d < n {
+        s += *a.add(d) * *b.add(d);
+        d += 1;
+    }
+    s
+}
+
 /// A `*mut f32` that rayon tasks may share when each writes a disjoint region.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
