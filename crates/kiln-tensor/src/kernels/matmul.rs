@@ -137,10 +137,11 @@ const GEMV_MAX_ROWS: usize = 4;
 /// order depends on the memory system rather than the instruction set. Measured with
 /// `examples/gemv_stream.rs` (one GPT-2 124M decode step's weights, 2 threads):
 /// - 2-core Intel Xeon (AVX-512, 2026-12-07): four rows side by side 26-28 GB/s, one row at a
-///   time 24-26, beside a read-bandwidth probe of 28-31;
-/// - 2-core AMD EPYC Zen 4 (AVX-512, 2026-12-07): one row at a time 41-43 GB/s, four rows side
-///   by side 29-31, beside a probe of 50-54. Zen 4's prefetchers follow one sequential stream
-///   per thread far better than four streams a row (3 KiB) apart. The int8 and int4 decode
+///   time (one accumulator) 24-26, beside a read-bandwidth probe of 28-31;
+/// - 2-core AMD EPYC Zen 4 (AVX-512, 2026-12-07): one row at a time 33-34 GB/s, four rows side
+///   by side 27-29, alternated, with the probe at 32-36 then (a standalone copy of both walks
+///   read 41-43 against 29-31 with the probe at 50-54). Zen 4's prefetchers follow one
+///   sequential stream per thread far better than four streams a row (3 KiB) apart. The int8 and int4 decode
 ///   kernels follow the same choice: there GPT-2 124M decode went 132-139 -> 198-224 tok/s
 ///   (int8, also without software prefetch) and 185-226 -> 235-277 (int4) one row at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
