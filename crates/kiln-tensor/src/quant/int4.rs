@@ -14,6 +14,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::actq::{quantize_row, quantize_row_scalar};
+use super::int4_panels::{panel_matmul, PanelPath, PANEL_MIN_M};
 use super::qsimd::{I4Dot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int4Weight, GEMV_MAX_ROWS};
 use crate::kernels::{GemvLayout, SendPtr};
@@ -50,7 +51,7 @@ pub fn int4_matmul_reference(out: &mut [f32], inp: &[f32], w: &Int4Weight, bias:
 
 /// Block `b` of the row `x` divided by `act_scale`, rounded to int8 in element order into `q`
 /// by `round` (the definition in the reference, its SIMD twin in the kernels); returns `sx_b`.
-fn quantize_block(round: RowRounding, x: &[f32], act: Option<&[f32]>, b: usize, q: &mut [i8]) -> f32 {
+pub(super) fn quantize_block(round: RowRounding, x: &[f32], act: Option<&[f32]>, b: usize, q: &mut [i8]) -> f32 {
     let is = b * I4_BLOCK..(b + 1) * I4_BLOCK;
     round(&x[is.clone()], act.map(|s| &s[is]), q)
 }
@@ -83,7 +84,17 @@ pub fn int4_matmul_isa(isa: Isa, out: &mut [f32], inp: &[f32], w: &Int4Weight, b
     if m == 0 || n == 0 {
         return;
     }
-    int4_block_dots(DotPath::for_isa(isa), out, inp, w, bias, m)
+    let path = DotPath::for_isa(isa);
+    if path == DotPath::Vnni && m >= PANEL_MIN_M && !blocks_forced() {
+        return panel_matmul(PanelPath::Vnni, out, inp, w, bias, m);
+    }
+    int4_block_dots(path, out, inp, w, bias, m)
+}
+
+/// `KILN_INT4=blocks` keeps prefill on the block dots where the panels would run (A/B runs).
+fn blocks_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("KILN_INT4").is_ok_and(|v| v == "blocks"))
 }
 
 /// Activation rows quantized per 32-block, laid out for [`I4Dot`].
@@ -514,6 +525,44 @@ mod tests {
                                         check(what, &y);
                                     }
                                 });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int4_panels_match_reference_and_their_scalar_twin() {
+        let vnni = DotPath::all_supported().contains(&DotPath::Vnni);
+        // Tails of both kinds: m not a multiple of 4 rows, n not a multiple of 16 lanes.
+        for &m in &[1usize, 4, 5, 11] {
+            for &n in &[1usize, 16, 33] {
+                for &k in &[32usize, 224, 640] {
+                    for group in [32, 64, 128].into_iter().filter(|g| k.is_multiple_of(*g)) {
+                        for act in [false, true] {
+                            let w = random_weight((m * 131 + n * 17 + k + group) as u64, n, k, group, act);
+                            let mut r = rng(k as u64 + 11);
+                            let mut x = randn(&mut r, m * k, 2.0);
+                            if m > 1 {
+                                x[k..k + 32].fill(0.0);
+                            }
+                            let b = randn(&mut r, n, 1.0);
+                            let (x_eff, w_eff) = (block_rounded(&x, &w, m), dense_no_act(&w));
+                            for bias in [None, Some(&b[..])] {
+                                let what = format!("int4 panels m{m} n{n} k{k} g{group} act{act}");
+                                let mut y0 = vec![0.0; m * n];
+                                int4_matmul_reference(&mut y0, &x, &w, bias, m);
+                                let mut ys = vec![f32::NAN; m * n];
+                                panel_matmul(PanelPath::Scalar, &mut ys, &x, &w, bias, m);
+                                assert_close_to_sum_scale(&what, &ys, &y0, &x_eff, &w_eff, bias, m, n, k, 1e-5);
+                                if vnni {
+                                    let mut yv = vec![f32::NAN; m * n];
+                                    panel_matmul(PanelPath::Vnni, &mut yv, &x, &w, bias, m);
+                                    let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                                    assert_eq!(bits(&yv), bits(&ys), "{what}: VNNI lanes differ from the scalar twin");
+                                }
                             }
                         }
                     }

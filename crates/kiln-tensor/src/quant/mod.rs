@@ -19,6 +19,7 @@
 
 mod actq;
 mod int4;
+mod int4_panels;
 mod int8;
 mod qsimd;
 
