@@ -79,12 +79,50 @@ unsafe fn decode_head<S: Simd>(
         sum += scores[j];
         j += 1;
     }
-    let o = out.0;
+    let (o, inv) = (out.0, 1.0 / sum);
+    // The weighted sum of values in registers when the head is 1, 2, 4 or 8 vectors wide (a
+    // running sum in `out` chains every position through a store and a reload).
+    match hs / S::LANES {
+        n if n * S::LANES != hs => weighted_values_in_memory::<S>(o, scores, v, len, c, hs, inv),
+        1 => weighted_values::<S, 1>(o, scores, v, len, c, inv),
+        2 => weighted_values::<S, 2>(o, scores, v, len, c, inv),
+        4 => weighted_values::<S, 4>(o, scores, v, len, c, inv),
+        8 => weighted_values::<S, 8>(o, scores, v, len, c, inv),
+        _ => weighted_values_in_memory::<S>(o, scores, v, len, c, hs, inv),
+    }
+}
+
+/// `o = Σ_j p_j·inv·v_j` over `N` vectors of lanes, the sums held in registers.
+#[inline(always)]
+unsafe fn weighted_values<S: Simd, const N: usize>(o: *mut f32, p: &[f32], v: &[f32], len: usize, c: usize, inv: f32) {
+    let mut acc = [S::zero(); N];
+    for j in 0..len {
+        let (w, vj) = (S::splat(p[j] * inv), v.as_ptr().add(j * c));
+        for t in 0..N {
+            acc[t] = S::fma(w, S::load(vj.add(t * S::LANES)), acc[t]);
+        }
+    }
+    for t in 0..N {
+        S::store(o.add(t * S::LANES), acc[t]);
+    }
+}
+
+/// [`weighted_values`] for any head size, summing in `o`.
+#[inline(always)]
+unsafe fn weighted_values_in_memory<S: Simd>(
+    o: *mut f32,
+    p: &[f32],
+    v: &[f32],
+    len: usize,
+    c: usize,
+    hs: usize,
+    inv: f32,
+) {
     for d in 0..hs {
         *o.add(d) = 0.0;
     }
-    for (j, &p) in scores[..len].iter().enumerate() {
-        let w = S::splat(p / sum);
+    for (j, &pj) in p[..len].iter().enumerate() {
+        let w = S::splat(pj * inv);
         let vj = v.as_ptr().add(j * c);
         let mut d = 0;
         while d + S::LANES <= hs {
@@ -92,7 +130,7 @@ unsafe fn decode_head<S: Simd>(
             d += S::LANES;
         }
         while d < hs {
-            *o.add(d) += p / sum * *vj.add(d);
+            *o.add(d) += pj * inv * *vj.add(d);
             d += 1;
         }
     }
@@ -145,8 +183,9 @@ mod tests {
     #[test]
     fn attention_decode_fast_matches_reference() {
         // Multi-head (nkv = nh) and grouped-query (3 query heads per key/value head).
-        for (nh, nkv) in [(3usize, 3usize), (6, 2)] {
-            let (hs, cap) = (19usize, 37usize);
+        // Head sizes: 19 sums in memory; 16, 32 and 64 in registers on every lane width.
+        for (nh, nkv, hs) in [(3usize, 3usize, 19usize), (6, 2, 19), (3, 3, 64), (6, 2, 32), (2, 1, 16)] {
+            let cap = 37usize;
             let (c, kvd) = (nh * hs, nkv * hs);
             let lens = [1usize, 37, 20];
             let b = lens.len();
@@ -159,7 +198,7 @@ mod tests {
             for isa in Isa::all_supported() {
                 let mut got = vec![7.0; b * c];
                 attention_decode(isa, &mut got, &q, &k, &v, &lens, cap, nh, nkv, hs);
-                assert_close(&format!("attention_decode {isa:?} nkv={nkv}"), &got, &want, 1e-5);
+                assert_close(&format!("attention_decode {isa:?} nkv={nkv} hs={hs}"), &got, &want, 1e-5);
             }
             if nkv < nh {
                 // Grouped-query equals multi-head attention over the key/value heads repeated.
