@@ -94,6 +94,7 @@ unsafe fn decode_head<S: Simd>(
 
 /// `o = Σ_j p_j·inv·v_j` over `N` vectors of lanes, the sums held in registers.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)]
 unsafe fn weighted_values<S: Simd, const N: usize>(o: *mut f32, p: &[f32], v: &[f32], len: usize, c: usize, inv: f32) {
     let mut acc = [S::zero(); N];
     for j in 0..len {
