@@ -5,8 +5,9 @@
 //! row is rounded to int8 per block of 32 (`sx_b = max|x_b| / 127`, round half to even, as
 //! [`quantize_activations`]), each weight row's block is multiplied by it exactly in i32 (see
 //! [`I8Dot`]), and `out = scale[o] · Σ_b sx_b · dot_b + b` in f32. The multiply is integer, one
-//! `vpdpbusd` per 32 pairs on VNNI, instead of widening every code to f32 for an FMA, and a
-//! prompt's rows get the same numbers as the tokens decoded after it. Against the f32-activation
+//! `vpdpbusd` per 32 pairs on VNNI, instead of widening every code to f32 for an FMA. From 16
+//! rows on, CPUs with AMX-INT8 run the same integers on tiles ([`super::int8_amx`]; opt out with
+//! `KILN_INT8=vnni`), whose f32 sums run in another order than the block dots'. Against the f32-activation
 //! product the rounding costs, as relative error on a 3072 × 768 product, 3.7e-3 for Gaussian
 //! activations and 1.2e-2 with a few 20× outlier channels (`int8_activation_rounding_error`),
 //! the order of the per-channel weight rounding itself.
@@ -21,6 +22,9 @@
 use rayon::prelude::*;
 
 use super::actq::{quantize_row, quantize_row_scalar};
+#[cfg(target_arch = "x86_64")]
+use super::int8_amx::amx_w8a8_matmul;
+use super::int8_amx::{amx_int8_matmul, amx_int8_usable, TilePath, AMX_MIN_M};
 use super::qsimd::{I8Dot, IntDot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int8Weight, GEMV_MAX_ROWS};
 use crate::kernels::{GemvLayout, SendPtr};
@@ -85,6 +89,9 @@ pub(crate) fn int8_weight_matmul_path(
     if m == 0 || n == 0 {
         return;
     }
+    if path == DotPath::Vnni && m >= AMX_MIN_M && amx_int8_usable() && !vnni_forced() {
+        return amx_int8_matmul(TilePath::Amx, out, inp, w, bias, m);
+    }
     let a = BlockActs8::new(inp, k, w.act_scale.as_deref(), m, path_flips(path));
     let (dst, a) = (SendPtr(out.as_mut_ptr()), &a);
     for_row_blocks(n, k, |o0, o1| {
@@ -94,6 +101,12 @@ pub(crate) fn int8_weight_matmul_path(
             unsafe { gemv_i8q_on(path, dst, a, w, bias, r0, rows, o0, o1) }
         }
     });
+}
+
+/// `KILN_INT8=vnni` keeps prefill on the VNNI block dots where AMX tiles would run (A/B runs).
+fn vnni_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("KILN_INT8").is_ok_and(|v| v == "vnni"))
 }
 
 /// Whether `path`'s [`I8Dot`] wants its activations stored as x + 128.
@@ -413,6 +426,10 @@ pub(crate) fn w8a8_matmul_path(
     if m == 0 || n == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if path == DotPath::Vnni && m >= AMX_MIN_M && amx_int8_usable() && !vnni_forced() {
+        return amx_w8a8_matmul(out, inp, w, bias, m);
+    }
     let mut q = vec![0i8; m * k];
     let mut sx = vec![0.0f32; m];
     quantize_activations(inp, k, w.act_scale.as_deref(), &mut q, &mut sx);
@@ -551,7 +568,7 @@ mod tests {
         (0..n * k).map(|j| w.q[j] as f64 * w.scale[j / k] as f64 / act(j % k)).collect()
     }
 
-    const MS: [usize; 6] = [1, 2, 3, 4, 5, 17];
+    const MS: [usize; 7] = [1, 2, 3, 4, 5, 17, 40];
     const NS: [usize; 3] = [1, 7, 65];
     const KS: [usize; 6] = [1, 5, 32, 37, 96, 576];
 
@@ -586,8 +603,9 @@ mod tests {
         // so with scale 1 each output is the exact integer dot (< 2²⁴, exact in f32); codes
         // include −128 and ±127, the extremes of the sign and x + 128 tricks.
         let mut r = rng(5);
-        for k in [1, 31, 32, 33, 64, 96, 255, 256] {
-            let (m, n) = (5, 9);
+        // m = 17 runs the AMX tiles where the CPU has them.
+        for (k, m) in [1, 31, 32, 33, 64, 96, 255, 256].into_iter().flat_map(|k| [(k, 5), (k, 17)]) {
+            let n = 9;
             let q: Vec<i8> =
                 (0..n * k).map(|j| if j % 7 == 0 { -128 } else { r.random_range(-127i32..=127) as i8 }).collect();
             let w = Int8Weight::from_parts(n, k, q, vec![1.0; n], None).unwrap();
@@ -609,6 +627,39 @@ mod tests {
                     }
                 }
             });
+        }
+    }
+
+    #[test]
+    fn int8_amx_tiles_match_reference_and_their_scalar_twin() {
+        let amx = amx_int8_usable();
+        // Tails of every kind: m not a multiple of 16 rows, n not of 16 columns, k not of 32.
+        for &m in &[16usize, 17, 40] {
+            for &n in &[1usize, 16, 33] {
+                for &k in &[1usize, 31, 32, 37, 96, 576] {
+                    for act in [false, true] {
+                        let w = random_weight((m * 131 + n * 17 + k) as u64, n, k, act);
+                        let w_eff = dense(&w);
+                        let mut r = rng(k as u64 + 13);
+                        let x = randn(&mut r, m * k, 2.0);
+                        let b = randn(&mut r, n, 1.0);
+                        for bias in [None, Some(&b[..])] {
+                            let what = format!("int8 tiles m{m} n{n} k{k} act{act}");
+                            let mut y0 = vec![0.0; m * n];
+                            int8_weight_matmul_reference(&mut y0, &x, &w, bias, m);
+                            let mut ys = vec![f32::NAN; m * n];
+                            amx_int8_matmul(TilePath::Scalar, &mut ys, &x, &w, bias, m);
+                            assert_close_to_sum_scale(&what, &ys, &y0, &x, &w_eff, bias, m, n, k, 1e-5);
+                            if amx {
+                                let mut ya = vec![f32::NAN; m * n];
+                                amx_int8_matmul(TilePath::Amx, &mut ya, &x, &w, bias, m);
+                                let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(bits(&ya), bits(&ys), "{what}: AMX tiles differ from the scalar twin");
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
