@@ -46,23 +46,23 @@ pub(super) struct PanelActs {
 pub(super) fn panel_acts(inp: &[f32], w: &Int4Weight, m: usize) -> PanelActs {
     let (k, nb, gpr) = (w.k, w.k / I4_BLOCK, w.groups_per_row());
     let mut a = PanelActs { q: vec![0; m * k], sx: vec![0.0; m * nb], zsum: vec![0.0; m * gpr] };
-    let mut q = [0i8; I4_BLOCK];
-    for r in 0..m {
-        let x = &inp[r * k..(r + 1) * k];
+    let rows = a.q.par_chunks_mut(k).zip(a.sx.par_chunks_mut(nb)).zip(a.zsum.par_chunks_mut(gpr));
+    rows.zip(inp.par_chunks(k)).for_each(|(((qr, sxr), zr), x)| {
+        let mut q = [0i8; I4_BLOCK];
         for b in 0..nb {
             let sx = quantize_block(quantize_row, x, w.act_scale.as_deref(), b, &mut q);
-            let dst = &mut a.q[r * k + b * I4_BLOCK..][..I4_BLOCK];
+            let dst = &mut qr[b * I4_BLOCK..][..I4_BLOCK];
             for (d8, q8) in dst.chunks_exact_mut(8).zip(q.chunks_exact(8)) {
                 for j in 0..4 {
                     d8[j] = q8[2 * j];
                     d8[4 + j] = q8[2 * j + 1];
                 }
             }
-            a.sx[r * nb + b] = sx;
+            sxr[b] = sx;
             let xsum: i32 = q.iter().map(|&v| v as i32).sum();
-            a.zsum[r * gpr + b * I4_BLOCK / w.group] += sx * xsum as f32;
+            zr[b * I4_BLOCK / w.group] += sx * xsum as f32;
         }
-    }
+    });
     a
 }
 
