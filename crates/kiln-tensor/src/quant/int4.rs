@@ -14,6 +14,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::actq::{quantize_row, quantize_row_scalar};
+use super::amx::{amx_int4_matmul, amx_int8_usable, TilePath, AMX_MIN_M};
 use super::int4_panels::{panel_matmul, PanelPath, PANEL_MIN_M};
 use super::qsimd::{I4Dot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int4Weight, GEMV_MAX_ROWS};
@@ -85,16 +86,30 @@ pub fn int4_matmul_isa(isa: Isa, out: &mut [f32], inp: &[f32], w: &Int4Weight, b
         return;
     }
     let path = DotPath::for_isa(isa);
-    if path == DotPath::Vnni && m >= PANEL_MIN_M && !blocks_forced() {
+    if path == DotPath::Vnni && m >= AMX_MIN_M && amx_int8_usable() && forced().is_none() {
+        return amx_int4_matmul(TilePath::Amx, out, inp, w, bias, m);
+    }
+    if path == DotPath::Vnni && m >= PANEL_MIN_M && forced() != Some(Int4Forced::Blocks) {
         return panel_matmul(PanelPath::Vnni, out, inp, w, bias, m);
     }
     int4_block_dots(path, out, inp, w, bias, m)
 }
 
-/// `KILN_INT4=blocks` keeps prefill on the block dots where the panels would run (A/B runs).
-fn blocks_forced() -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var("KILN_INT4").is_ok_and(|v| v == "blocks"))
+/// Which prefill kernel `KILN_INT4` keeps int4 on (A/B runs): `blocks` the block dots,
+/// `panels` the VNNI panels where AMX tiles would run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Int4Forced {
+    Blocks,
+    Panels,
+}
+
+fn forced() -> Option<Int4Forced> {
+    static FORCED: std::sync::OnceLock<Option<Int4Forced>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("KILN_INT4").as_deref() {
+        Ok("blocks") => Some(Int4Forced::Blocks),
+        Ok("panels") => Some(Int4Forced::Panels),
+        _ => None,
+    })
 }
 
 /// Activation rows quantized per 32-block, laid out for [`I4Dot`].
@@ -562,6 +577,42 @@ mod tests {
                                     panel_matmul(PanelPath::Vnni, &mut yv, &x, &w, bias, m);
                                     let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                                     assert_eq!(bits(&yv), bits(&ys), "{what}: VNNI lanes differ from the scalar twin");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int4_amx_tiles_match_reference_and_their_scalar_twin() {
+        let amx = amx_int8_usable();
+        // Tails: m not a multiple of 16 rows, n not a multiple of 16 weight rows.
+        for &m in &[16usize, 17, 40] {
+            for &n in &[1usize, 16, 33] {
+                for &k in &[32usize, 224, 640] {
+                    for group in [32, 64, 128].into_iter().filter(|g| k.is_multiple_of(*g)) {
+                        for act in [false, true] {
+                            let w = random_weight((m * 131 + n * 17 + k + group) as u64, n, k, group, act);
+                            let mut r = rng(k as u64 + 19);
+                            let mut x = randn(&mut r, m * k, 2.0);
+                            x[k..k + 32].fill(0.0);
+                            let b = randn(&mut r, n, 1.0);
+                            let (x_eff, w_eff) = (block_rounded(&x, &w, m), dense_no_act(&w));
+                            for bias in [None, Some(&b[..])] {
+                                let what = format!("int4 tiles m{m} n{n} k{k} g{group} act{act}");
+                                let mut y0 = vec![0.0; m * n];
+                                int4_matmul_reference(&mut y0, &x, &w, bias, m);
+                                let mut ys = vec![f32::NAN; m * n];
+                                amx_int4_matmul(TilePath::Scalar, &mut ys, &x, &w, bias, m);
+                                assert_close_to_sum_scale(&what, &ys, &y0, &x_eff, &w_eff, bias, m, n, k, 1e-5);
+                                if amx {
+                                    let mut ya = vec![f32::NAN; m * n];
+                                    amx_int4_matmul(TilePath::Amx, &mut ya, &x, &w, bias, m);
+                                    let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                                    assert_eq!(bits(&ya), bits(&ys), "{what}: AMX tiles differ from the scalar twin");
                                 }
                             }
                         }

@@ -6,7 +6,7 @@
 //! [`quantize_activations`]), each weight row's block is multiplied by it exactly in i32 (see
 //! [`I8Dot`]), and `out = scale[o] · Σ_b sx_b · dot_b + b` in f32. The multiply is integer, one
 //! `vpdpbusd` per 32 pairs on VNNI, instead of widening every code to f32 for an FMA. From 16
-//! rows on, CPUs with AMX-INT8 run the same integers on tiles ([`super::int8_amx`]; opt out with
+//! rows on, CPUs with AMX-INT8 run the same integers on tiles ([`super::amx`]; opt out with
 //! `KILN_INT8=vnni`), whose f32 sums run in another order than the block dots'. Against the f32-activation
 //! product the rounding costs, as relative error on a 3072 × 768 product, 3.7e-3 for Gaussian
 //! activations and 1.2e-2 with a few 20× outlier channels (`int8_activation_rounding_error`),
@@ -23,8 +23,8 @@ use rayon::prelude::*;
 
 use super::actq::{quantize_row, quantize_row_scalar};
 #[cfg(target_arch = "x86_64")]
-use super::int8_amx::amx_w8a8_matmul;
-use super::int8_amx::{amx_int8_matmul, amx_int8_usable, TilePath, AMX_MIN_M};
+use super::amx::amx_w8a8_matmul;
+use super::amx::{amx_int8_matmul, amx_int8_usable, TilePath, AMX_MIN_M};
 use super::qsimd::{I8Dot, IntDot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int8Weight, GEMV_MAX_ROWS};
 use crate::kernels::{GemvLayout, SendPtr};

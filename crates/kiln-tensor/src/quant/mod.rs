@@ -18,10 +18,10 @@
 //!   stays the same whichever algorithm made the weights.
 
 mod actq;
+mod amx;
 mod int4;
 mod int4_panels;
 mod int8;
-mod int8_amx;
 mod qsimd;
 
 pub use int4::{int4_matmul, int4_matmul_isa, int4_matmul_reference};

@@ -1,4 +1,4 @@
-//! Int8 prefill on AMX tiles: `tdpbssd` multiplies 16 weight rows by 16 activation rows over
+//! Int8 and int4 prefill on AMX tiles: `tdpbssd` multiplies 16 weight rows by 16 activation rows over
 //! a 32-block (8,192 i8 products) in one instruction, where AVX512-VNNI takes 128 `vpdpbusd`.
 //!
 //! Weight-only numerics are [`super::int8`]'s (llama.cpp's Q8_0 × Q8_0): activations rounded
@@ -15,15 +15,21 @@
 //! the result is transposed on the way out. Packing the weights per task instead (as
 //! [`super::int4_panels`] must, to unpack nibbles) took half the time of a 768 × 768 product.
 //!
-//! [`task_scalar`] is the weight-only twin: the same operations in the same order, so the two
-//! agree bit for bit. W8A8 tiles give exactly [`super::w8a8_matmul_reference`]'s bits.
+//! Int4 runs the same block loop with `tdpbusd` on its unsigned codes: a task unpacks its 16
+//! rows' nibbles to bytes (per block the 16 low nibbles, then the 16 high ones, so the
+//! activations are stored evens then odds), and each block adds `s_g·sx_b·dot` and, at a
+//! group's end, subtracts `z_g·s_g·Σ sx_b·Σxq_b`, [`super::int4`]'s numerics in another order.
+//!
+//! [`task_scalar`] and [`int4_task_scalar`] are the twins: the same operations in the same
+//! order, so they agree bit for bit. W8A8 tiles give exactly [`super::w8a8_matmul_reference`]'s bits.
 #![allow(clippy::needless_range_loop)]
 
 use rayon::prelude::*;
 
 use super::actq::quantize_row;
+use super::int4::quantize_block;
 use super::qsimd::I4_BLOCK;
-use super::Int8Weight;
+use super::{Int4Weight, Int8Weight};
 use crate::kernels::SendPtr;
 
 /// Rows of an A or C tile, and weight rows per panel (one C row is 16 i32).
@@ -271,9 +277,164 @@ pub(super) fn amx_w8a8_matmul(out: &mut [f32], inp: &[f32], w: &Int8Weight, bias
     );
 }
 
+/// Int4's activations: [`TileActs`] with each block's 32 codes stored evens first, then odds
+/// (the order [`Int4Rows`] unpacks the nibbles in), and the zero-point sums.
+pub(super) struct Int4Acts {
+    t: TileActs,
+    gpr: usize,
+    /// Blocks per group: 1, 2 or 4.
+    bpg: usize,
+    /// `[m16/16, gpr, 16]`: `Σ_{b∈g} sx_b·Σxq_b` of the tile's 16 rows.
+    zsum: Vec<f32>,
+}
+
+fn int4_acts(inp: &[f32], w: &Int4Weight, m: usize) -> Int4Acts {
+    let (k, nb, gpr, bpg) = (w.k, w.k / I4_BLOCK, w.groups_per_row(), w.group / I4_BLOCK);
+    let tiles = m.div_ceil(TILE);
+    let mut t = TileActs { nb, q: vec![0; tiles * nb * 8 * TILE], sx: vec![0.0; tiles * nb * TILE] };
+    let mut zsum = vec![0.0f32; tiles * gpr * TILE];
+    let rows = |t: usize| &inp[t * TILE * k..k * m.min((t + 1) * TILE)];
+    let parts =
+        t.q.par_chunks_mut(nb * 8 * TILE).zip(t.sx.par_chunks_mut(nb * TILE)).zip(zsum.par_chunks_mut(gpr * TILE));
+    parts.enumerate().for_each(|(ti, ((q, sx), zs))| {
+        let (mut codes, mut order) = ([0i8; I4_BLOCK], [0u8; I4_BLOCK]);
+        for (j, x) in rows(ti).chunks(k).enumerate() {
+            for b in 0..nb {
+                let s = quantize_block(quantize_row, x, w.act_scale.as_deref(), b, &mut codes);
+                for e in 0..I4_BLOCK / 2 {
+                    (order[e], order[I4_BLOCK / 2 + e]) = (codes[2 * e] as u8, codes[2 * e + 1] as u8);
+                }
+                for (c, c4) in order.chunks_exact(4).enumerate() {
+                    q[(b * 8 + c) * TILE + j] = u32::from_le_bytes([c4[0], c4[1], c4[2], c4[3]]);
+                }
+                sx[b * TILE + j] = s;
+                let xsum: i32 = codes.iter().map(|&v| v as i32).sum();
+                zs[b / bpg * TILE + j] += s * xsum as f32;
+            }
+        }
+    });
+    Int4Acts { t, gpr, bpg, zsum }
+}
+
+/// 16 int4 weight rows unpacked to one code a byte for the A tiles: per block its 16 low
+/// nibbles (elements 0, 2, …, 30), then its 16 high ones; rows past `n` are zeros.
+pub(super) struct Int4Rows {
+    /// `[16, k]`.
+    codes: Vec<u8>,
+    /// `[gpr, 16]`: `s_g` and `z_g·s_g` of each row.
+    s: Vec<f32>,
+    zs: Vec<f32>,
+    bias: [f32; TILE],
+}
+
+impl Int4Rows {
+    fn new(w: &Int4Weight) -> Int4Rows {
+        let gpr = w.groups_per_row();
+        Int4Rows { codes: vec![0; TILE * w.k], s: vec![0.0; gpr * TILE], zs: vec![0.0; gpr * TILE], bias: [0.0; TILE] }
+    }
+
+    fn unpack(&mut self, w: &Int4Weight, bias: Option<&[f32]>, o0: usize) {
+        let (k, gpr) = (w.k, w.groups_per_row());
+        let rows = TILE.min(w.n - o0);
+        if rows < TILE {
+            self.codes.fill(0);
+            self.s.fill(0.0);
+            self.zs.fill(0.0);
+            self.bias = [0.0; TILE];
+        }
+        const LOW: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+        for i in 0..rows {
+            let packed = &w.packed[(o0 + i) * k / 2..][..k / 2];
+            let dst = &mut self.codes[i * k..][..k];
+            for (d, p) in dst.chunks_exact_mut(I4_BLOCK).zip(packed.chunks_exact(I4_BLOCK / 2)) {
+                for h in 0..2 {
+                    let v = u64::from_le_bytes(p[8 * h..8 * h + 8].try_into().expect("8 bytes"));
+                    d[8 * h..8 * h + 8].copy_from_slice(&(v & LOW).to_le_bytes());
+                    d[16 + 8 * h..16 + 8 * h + 8].copy_from_slice(&(v >> 4 & LOW).to_le_bytes());
+                }
+            }
+            for g in 0..gpr {
+                let (s, z) = (w.scale[(o0 + i) * gpr + g].to_f32(), w.zero[(o0 + i) * gpr + g].to_f32());
+                self.s[g * TILE + i] = s;
+                self.zs[g * TILE + i] = z * s;
+            }
+            self.bias[i] = bias.map_or(0.0, |b| b[o0 + i]);
+        }
+    }
+}
+
+/// `out[m, n] = int4(inp) · Wᵀ + bias` on tiles, one task per 16 weight rows (unpacked per
+/// call, as [`super::int4_panels`] packs). The caller checked the operands (as
+/// [`super::int4_matmul_isa`] does) and, for `Amx`, [`amx_int8_usable`].
+pub(super) fn amx_int4_matmul(
+    path: TilePath,
+    out: &mut [f32],
+    inp: &[f32],
+    w: &Int4Weight,
+    bias: Option<&[f32]>,
+    m: usize,
+) {
+    let a = int4_acts(inp, w, m);
+    let (dst, a, n) = (SendPtr(out.as_mut_ptr()), &a, w.n);
+    (0..n.div_ceil(TILE)).into_par_iter().for_each_init(
+        || Int4Rows::new(w),
+        |rows, t| {
+            let o0 = t * TILE;
+            rows.unpack(w, bias, o0);
+            // SAFETY: out is m·n long and task t writes only columns o0..o0+16 of rows < m;
+            // Amx only where `amx_int8_usable` said so.
+            unsafe {
+                match path {
+                    #[cfg(target_arch = "x86_64")]
+                    TilePath::Amx => x86::int4_task_amx(rows, a, dst, n, m, o0),
+                    _ => int4_task_scalar(rows, a, dst, n, m, o0),
+                }
+            }
+        },
+    );
+}
+
+/// The int4 twin: per block the exact i32 tile, `acc = fma(f32(dot), s_g·sx_b, acc)`, after a
+/// group's last block `acc = fma(−z_g·s_g, zsum_g, acc)`; `out = acc + bias`.
+unsafe fn int4_task_scalar(r: &Int4Rows, a: &Int4Acts, out: SendPtr, n: usize, m: usize, o0: usize) {
+    let (nb, k, cols) = (a.t.nb, a.t.nb * I4_BLOCK, TILE.min(n - o0));
+    for r0 in (0..m).step_by(TILE) {
+        let at = r0 / TILE;
+        let (q, sx) = (&a.t.q[at * nb * 8 * TILE..], &a.t.sx[at * nb * TILE..]);
+        let zsum = &a.zsum[at * a.gpr * TILE..];
+        let mut acc = [[0.0f32; TILE]; TILE];
+        for b in 0..nb {
+            let g = b / a.bpg;
+            for i in 0..TILE {
+                let wr = &r.codes[i * k + b * I4_BLOCK..][..I4_BLOCK];
+                for j in 0..TILE {
+                    let mut dot = 0i32;
+                    for c in 0..8 {
+                        let x = q[(b * 8 + c) * TILE + j].to_le_bytes();
+                        for e in 0..4 {
+                            dot += wr[4 * c + e] as i32 * x[e] as i8 as i32;
+                        }
+                    }
+                    acc[i][j] = (dot as f32).mul_add(r.s[g * TILE + i] * sx[b * TILE + j], acc[i][j]);
+                }
+                if (b + 1).is_multiple_of(a.bpg) {
+                    for j in 0..TILE {
+                        acc[i][j] = (-r.zs[g * TILE + i]).mul_add(zsum[g * TILE + j], acc[i][j]);
+                    }
+                }
+            }
+        }
+        for j in 0..TILE.min(m - r0) {
+            for i in 0..cols {
+                *out.0.add((r0 + j) * n + o0 + i) = acc[i][j] + r.bias[i];
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Task, TileActs, TokenActs, I4_BLOCK, TILE, W8A8_STEP};
+    use super::{Int4Acts, Int4Rows, Task, TileActs, TokenActs, I4_BLOCK, TILE, W8A8_STEP};
     use crate::kernels::SendPtr;
     use std::arch::asm;
     use std::arch::x86_64::*;
@@ -295,14 +456,14 @@ mod x86 {
     }
 
     /// C tile `$c` = A tile `$a` (16 weight rows from `$w`, stride `$ws`) times B tile `$b`
-    /// (the activation tile's block at `$x`), from zero.
+    /// (the activation tile's block at `$x`), from zero, by `$dp` (`tdpbssd` or `tdpbusd`).
     macro_rules! tile_block {
-        ($c:literal, $a:literal, $b:literal, $w:expr, $ws:expr, $x:expr) => {
+        ($dp:literal, $c:literal, $a:literal, $b:literal, $w:expr, $ws:expr, $x:expr) => {
             asm!(
                 concat!("tilezero ", $c),
                 concat!("tileloadd ", $a, ", [{w} + {ws}*1]"),
                 concat!("tileloadd ", $b, ", [{x} + {xs}*1]"),
-                concat!("tdpbssd ", $c, ", ", $a, ", ", $b),
+                concat!($dp, " ", $c, ", ", $a, ", ", $b),
                 w = in(reg) $w,
                 ws = in(reg) $ws,
                 x = in(reg) $x,
@@ -323,23 +484,90 @@ mod x86 {
         };
     }
 
-    /// `acc[i] = fma(f32(tile row i), sx_b of the 16 activation rows, acc[i])`.
-    #[inline(always)]
-    unsafe fn add_tile(acc: &mut [__m512; TILE], tile: *const i32, sx: *const f32) {
-        let s = _mm512_loadu_ps(sx);
-        for i in 0..TILE {
-            let d = _mm512_cvtepi32_ps(_mm512_load_si512(tile.add(i * TILE) as *const __m512i));
-            acc[i] = _mm512_fmadd_ps(d, s, acc[i]);
+    /// What a block-by-block task adds in per block: int8's `sx_b`, or int4's scales and zeros.
+    trait BlockAdd {
+        /// Weight codes are unsigned (`tdpbusd`), not signed (`tdpbssd`).
+        const UNSIGNED_A: bool;
+        /// Block `b`'s i32 tile (row i: weight row i for the 16 activation rows of tile `at`).
+        unsafe fn add(&self, acc: &mut [__m512; TILE], tile: *const i32, at: usize, b: usize);
+        /// Weight row i's sums for the 16 activation rows, finished.
+        unsafe fn finish(&self, acc: __m512, i: usize) -> __m512;
+    }
+
+    /// Int8: `acc[i] = fma(f32(tile row i), sx_b, acc[i])`; `acc · scale + bias` at the end.
+    struct Int8Add<'a> {
+        t: &'a Task<'a, TileActs>,
+    }
+
+    impl BlockAdd for Int8Add<'_> {
+        const UNSIGNED_A: bool = false;
+        #[inline(always)]
+        unsafe fn add(&self, acc: &mut [__m512; TILE], tile: *const i32, at: usize, b: usize) {
+            let s = _mm512_loadu_ps(self.t.a.sx.as_ptr().add((at * self.t.a.nb + b) * TILE));
+            for i in 0..TILE {
+                let d = _mm512_cvtepi32_ps(_mm512_load_si512(tile.add(i * TILE) as *const __m512i));
+                acc[i] = _mm512_fmadd_ps(d, s, acc[i]);
+            }
+        }
+        #[inline(always)]
+        unsafe fn finish(&self, acc: __m512, i: usize) -> __m512 {
+            let v = _mm512_mul_ps(acc, _mm512_set1_ps(self.t.rows.scale[i]));
+            _mm512_add_ps(v, _mm512_set1_ps(self.t.rows.bias[i]))
+        }
+    }
+
+    /// Int4: `acc[i] = fma(f32(tile row i), s_g[i]·sx_b, acc[i])`, and after a group's last
+    /// block `acc[i] −= z_g·s_g[i] · zsum_g`; `acc + bias` at the end.
+    struct Int4Add<'a> {
+        r: &'a Int4Rows,
+        a: &'a Int4Acts,
+    }
+
+    impl BlockAdd for Int4Add<'_> {
+        const UNSIGNED_A: bool = true;
+        #[inline(always)]
+        unsafe fn add(&self, acc: &mut [__m512; TILE], tile: *const i32, at: usize, b: usize) {
+            let (a, r) = (self.a, self.r);
+            let g = b / a.bpg;
+            let sx = _mm512_loadu_ps(a.t.sx.as_ptr().add((at * a.t.nb + b) * TILE));
+            let s = r.s.as_ptr().add(g * TILE);
+            for i in 0..TILE {
+                let d = _mm512_cvtepi32_ps(_mm512_load_si512(tile.add(i * TILE) as *const __m512i));
+                acc[i] = _mm512_fmadd_ps(d, _mm512_mul_ps(_mm512_set1_ps(*s.add(i)), sx), acc[i]);
+            }
+            if (b + 1).is_multiple_of(a.bpg) {
+                let zsum = _mm512_loadu_ps(a.zsum.as_ptr().add((at * a.gpr + g) * TILE));
+                let zs = r.zs.as_ptr().add(g * TILE);
+                for i in 0..TILE {
+                    acc[i] = _mm512_fnmadd_ps(_mm512_set1_ps(*zs.add(i)), zsum, acc[i]);
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn finish(&self, acc: __m512, i: usize) -> __m512 {
+            _mm512_add_ps(acc, _mm512_set1_ps(self.r.bias[i]))
         }
     }
 
     #[repr(align(64))]
     struct Tiles([[i32; TILE * TILE]; 4]);
 
-    #[target_feature(enable = "avx512f,avx512bw,fma")]
-    pub(super) unsafe fn task_amx(t: &Task<TileActs>, out: SendPtr, n: usize, m: usize, o0: usize) {
+    /// 16 weight rows (16 rows of nb·32 codes at `ws` from `wc`) against every activation tile
+    /// of `xq` (`[tiles, nb, 8, 16]` dwords), block by block through `e`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn block_task<E: BlockAdd>(
+        e: &E,
+        wc: *const u8,
+        ws: usize,
+        xq: *const u32,
+        nb: usize,
+        out: SendPtr,
+        n: usize,
+        m: usize,
+        o0: usize,
+    ) {
         let cfg = tile_config();
-        let nb = t.a.nb;
         let mut tiles = Tiles([[0; TILE * TILE]; 4]);
         let tb: [*mut i32; 4] = std::array::from_fn(|i| tiles.0[i].as_mut_ptr());
         let mut res = [[0.0f32; TILE]; TILE];
@@ -349,21 +577,24 @@ mod x86 {
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             _mm512_set1_epi32(TILE as i32),
         );
-        let (wc, ws) = (t.w, t.stride);
-        // SAFETY (all tile asm): the A loads read 16 rows of 32 bytes at `ws` from `t.w` (16 rows
-        // of nb·32 codes), the B loads 8 rows of 64 bytes inside `t.a.q`; stores go to `tiles`.
+        // SAFETY (all tile asm): the A loads read 16 rows of 32 bytes at `ws` from `wc` (16 rows
+        // of nb·32 codes), the B loads 8 rows of 64 bytes inside `xq`; stores go to `tiles`.
         asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
         for r0 in (0..m).step_by(TILE) {
-            let x = t.a.q.as_ptr().add(r0 / TILE * nb * 8 * TILE);
-            let sx = t.a.sx.as_ptr().add(r0 / TILE * nb * TILE);
+            let at = r0 / TILE;
+            let x = xq.add(at * nb * 8 * TILE);
             let mut acc = [_mm512_setzero_ps(); TILE];
             // Block b goes through C tile b % 4, started two blocks before it is added in.
-            let at = |b: usize| (wc.add(b * I4_BLOCK), x.add(b * 8 * TILE));
+            let block = |b: usize| (wc.add(b * I4_BLOCK), x.add(b * 8 * TILE));
             macro_rules! start {
                 ($b:expr, $c:literal, $a:literal, $bt:literal) => {
                     if $b < nb {
-                        let (w, x) = at($b);
-                        tile_block!($c, $a, $bt, w, ws, x);
+                        let (w, x) = block($b);
+                        if E::UNSIGNED_A {
+                            tile_block!("tdpbusd", $c, $a, $bt, w, ws, x);
+                        } else {
+                            tile_block!("tdpbssd", $c, $a, $bt, w, ws, x);
+                        }
                     }
                 };
             }
@@ -371,7 +602,7 @@ mod x86 {
                 ($b:expr, $c:literal, $buf:expr) => {
                     if $b < nb {
                         tile_store!($c, $buf);
-                        add_tile(&mut acc, $buf, sx.add($b * TILE));
+                        e.add(&mut acc, $buf, at, $b);
                     }
                 };
             }
@@ -389,8 +620,7 @@ mod x86 {
             }
             // acc[i] holds weight row o0+i for the 16 activation rows; out wants them by row.
             for i in 0..TILE {
-                let v = _mm512_mul_ps(acc[i], _mm512_set1_ps(t.rows.scale[i]));
-                _mm512_storeu_ps(res[i].as_mut_ptr(), _mm512_add_ps(v, _mm512_set1_ps(t.rows.bias[i])));
+                _mm512_storeu_ps(res[i].as_mut_ptr(), e.finish(acc[i], i));
             }
             let base = res.as_ptr() as *const f32;
             for j in 0..TILE.min(m - r0) {
@@ -400,6 +630,16 @@ mod x86 {
             }
         }
         asm!("tilerelease", options(nostack, nomem));
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,fma")]
+    pub(super) unsafe fn task_amx(t: &Task<TileActs>, out: SendPtr, n: usize, m: usize, o0: usize) {
+        block_task(&Int8Add { t }, t.w as *const u8, t.stride, t.a.q.as_ptr(), t.a.nb, out, n, m, o0)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,fma")]
+    pub(super) unsafe fn int4_task_amx(r: &Int4Rows, a: &Int4Acts, out: SendPtr, n: usize, m: usize, o0: usize) {
+        block_task(&Int4Add { r, a }, r.codes.as_ptr(), a.t.nb * I4_BLOCK, a.t.q.as_ptr(), a.t.nb, out, n, m, o0)
     }
 
     /// W8A8 palette: tmm0..tmm3 C (panel p × activation tile a at `2a + p`), tmm4/tmm5 A (the
