@@ -613,6 +613,12 @@ mod tests {
                                     amx_int4_matmul(TilePath::Amx, &mut ya, &x, &w, bias, m);
                                     let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                                     assert_eq!(bits(&ya), bits(&ys), "{what}: AMX tiles differ from the scalar twin");
+                                    if group == 32 {
+                                        // One block a group: the panels run the same f32 steps.
+                                        let mut yp = vec![f32::NAN; m * n];
+                                        panel_matmul(PanelPath::Vnni, &mut yp, &x, &w, bias, m);
+                                        assert_eq!(bits(&ya), bits(&yp), "{what}: AMX tiles differ from the panels");
+                                    }
                                 }
                             }
                         }
