@@ -34,9 +34,16 @@ use crate::kernels::SendPtr;
 
 /// Rows of an A or C tile, and weight rows per panel (one C row is 16 i32).
 const TILE: usize = 16;
-/// Activation rows from which the tiles run (below: the VNNI block dots; a tile pass over a
-/// panel costs the same for 1 row as for 16).
-pub(super) const AMX_MIN_M: usize = 16;
+// Activation rows from which the tiles beat the VNNI paths. A tile pass costs the same for 1
+// row as for 16, so few rows lose; measured on the 2-core AMX Xeon, 3072 × 768, 2 threads
+// (`int8_prefill_bench`, `int4_token_bench`), tiles against VNNI:
+/// Int8 weight-only: m = 4 0.8×, m = 8 1.4×, m = 12 2.1×, m = 16 2.8×.
+pub(super) const AMX_INT8_MIN_M: usize = 8;
+/// W8A8 (no per-block epilogue): m = 2 0.75×, m = 4 1.15×, m = 8 2.3×.
+pub(super) const AMX_W8A8_MIN_M: usize = 4;
+/// Int4 (its nibbles unpacked per call): m = 16 0.78×, m = 32 1.0×, m = 48 0.9–1.1×, m = 64
+/// 1.15×, m = 128 1.2–1.3× (the VNNI panels, whose packing is cheaper, below).
+pub(super) const AMX_INT4_MIN_M: usize = 64;
 
 /// Whether the CPU has AMX-TILE and AMX-INT8 and the kernel let this process use the tile
 /// registers (Linux asks each process to request them, `ARCH_REQ_XCOMP_PERM`).

@@ -14,7 +14,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::actq::{quantize_row, quantize_row_scalar};
-use super::amx::{amx_int4_matmul, amx_int8_usable, TilePath, AMX_MIN_M};
+use super::amx::{amx_int4_matmul, amx_int8_usable, TilePath, AMX_INT4_MIN_M};
 use super::int4_panels::{panel_matmul, PanelPath, PANEL_MIN_M};
 use super::qsimd::{I4Dot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int4Weight, GEMV_MAX_ROWS};
@@ -86,7 +86,7 @@ pub fn int4_matmul_isa(isa: Isa, out: &mut [f32], inp: &[f32], w: &Int4Weight, b
         return;
     }
     let path = DotPath::for_isa(isa);
-    if path == DotPath::Vnni && m >= AMX_MIN_M && amx_int8_usable() && forced().is_none() {
+    if path == DotPath::Vnni && m >= AMX_INT4_MIN_M && amx_int8_usable() && forced().is_none() {
         return amx_int4_matmul(TilePath::Amx, out, inp, w, bias, m);
     }
     if path == DotPath::Vnni && m >= PANEL_MIN_M && forced() != Some(Int4Forced::Blocks) {

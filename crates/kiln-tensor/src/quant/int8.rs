@@ -5,7 +5,7 @@
 //! row is rounded to int8 per block of 32 (`sx_b = max|x_b| / 127`, round half to even, as
 //! [`quantize_activations`]), each weight row's block is multiplied by it exactly in i32 (see
 //! [`I8Dot`]), and `out = scale[o] · Σ_b sx_b · dot_b + b` in f32. The multiply is integer, one
-//! `vpdpbusd` per 32 pairs on VNNI, instead of widening every code to f32 for an FMA. From 16
+//! `vpdpbusd` per 32 pairs on VNNI, instead of widening every code to f32 for an FMA. From 8
 //! rows on, CPUs with AMX-INT8 run the same integers on tiles ([`super::amx`]; opt out with
 //! `KILN_INT8=vnni`), whose f32 sums run in another order than the block dots'. Against the f32-activation
 //! product the rounding costs, as relative error on a 3072 × 768 product, 3.7e-3 for Gaussian
@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::actq::{quantize_row, quantize_row_scalar};
 #[cfg(target_arch = "x86_64")]
 use super::amx::amx_w8a8_matmul;
-use super::amx::{amx_int8_matmul, amx_int8_usable, TilePath, AMX_MIN_M};
+use super::amx::{amx_int8_matmul, amx_int8_usable, TilePath, AMX_INT8_MIN_M, AMX_W8A8_MIN_M};
 use super::qsimd::{I8Dot, IntDot, ScalarDot, I4_BLOCK, PREFETCH_BYTES};
 use super::{check_operands, for_row_blocks, DotPath, Int8Weight, GEMV_MAX_ROWS};
 use crate::kernels::{GemvLayout, SendPtr};
@@ -89,7 +89,7 @@ pub(crate) fn int8_weight_matmul_path(
     if m == 0 || n == 0 {
         return;
     }
-    if path == DotPath::Vnni && m >= AMX_MIN_M && amx_int8_usable() && !vnni_forced() {
+    if path == DotPath::Vnni && m >= AMX_INT8_MIN_M && amx_int8_usable() && !vnni_forced() {
         return amx_int8_matmul(TilePath::Amx, out, inp, w, bias, m);
     }
     let a = BlockActs8::new(inp, k, w.act_scale.as_deref(), m, path_flips(path));
@@ -427,7 +427,7 @@ pub(crate) fn w8a8_matmul_path(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if path == DotPath::Vnni && m >= AMX_MIN_M && amx_int8_usable() && !vnni_forced() {
+    if path == DotPath::Vnni && m >= AMX_W8A8_MIN_M && amx_int8_usable() && !vnni_forced() {
         return amx_w8a8_matmul(out, inp, w, bias, m);
     }
     let mut q = vec![0i8; m * k];
