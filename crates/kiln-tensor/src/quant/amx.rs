@@ -41,7 +41,7 @@ const TILE: usize = 16;
 pub(super) const AMX_INT8_MIN_M: usize = 8;
 /// W8A8 (no per-block epilogue): m = 2 0.75×, m = 4 1.15×, m = 8 2.3×.
 pub(super) const AMX_W8A8_MIN_M: usize = 4;
-/// Int4 (its nibbles unpacked per call): m = 16 0.78×, m = 32 1.0×, m = 48 0.9–1.1×, m = 64
+/// Int4 (its nibbles unpacked per call): m = 16 0.78×, m = 32 1.0×, m = 48 0.84–1.15×, m = 64
 /// 1.15×, m = 128 1.2–1.3× (the VNNI panels, whose packing is cheaper, below).
 pub(super) const AMX_INT4_MIN_M: usize = 64;
 
